@@ -1,0 +1,1 @@
+"""virtiofs-reattach: keep virtiofs shares attached to Cloud Hypervisor VMs."""

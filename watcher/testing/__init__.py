@@ -1,0 +1,1 @@
+"""Test doubles shipped with the package: a Cloud Hypervisor API double and a vhost-user backend."""
