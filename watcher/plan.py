@@ -1,0 +1,111 @@
+"""Desired shares + what CH reports → what to do. Pure: no I/O, no clock.
+
+Theory of operation (level-based, like controller-runtime's reconcile): the
+input is always a fresh `vm.info`, never an event, so a missed, duplicated or
+reordered event cannot cause a wrong action. Devices are matched by id only
+(prefix + tag): ids are the one field CH guarantees unique (§2), CLI `--fs`
+devices without ids are never ours, and Cocoon derives the same ids.
+
+Rules, one per share or device, in config order:
+- id in config.fs with the same socket/num_queues/queue_size → `Satisfied`
+  (hot-added devices survive reboots inside one CH process, §6, so re-adding
+  would only produce a duplicate-id error);
+- id in config.fs with other settings → `Replace` (remove, wait for the guest's
+  eject, add again);
+- id absent from config.fs but still in device_tree → `WaitEject`: a removal is
+  pending and CH refuses the id until the guest ejects (§5);
+- id absent and the backend socket file absent → `WaitBackend`: add-fs would
+  block the whole CH API for 60 s and then fail (§7);
+- otherwise → `Attach`.
+Devices carrying our prefix that the config no longer lists → `Detach` when
+pruning is on, else `Unmanaged` (left alone, reported once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from .chclient import FsDevice, VmInfo
+from .config import Share
+
+
+@dataclass(frozen=True)
+class Satisfied:
+    share: Share
+
+
+@dataclass(frozen=True)
+class Attach:
+    share: Share
+
+
+@dataclass(frozen=True)
+class Replace:
+    share: Share
+    current: FsDevice
+
+
+@dataclass(frozen=True)
+class WaitEject:
+    share: Share
+
+
+@dataclass(frozen=True)
+class WaitBackend:
+    share: Share
+
+
+@dataclass(frozen=True)
+class Detach:
+    device_id: str
+
+
+@dataclass(frozen=True)
+class Unmanaged:
+    device_id: str
+
+
+Step = Satisfied | Attach | Replace | WaitEject | WaitBackend | Detach | Unmanaged
+
+
+def plan_vm(
+    desired: Sequence[Share],
+    observed: VmInfo,
+    *,
+    device_id_prefix: str,
+    prune: bool,
+    present_backends: Collection[str],
+) -> tuple[Step, ...]:
+    """Decide one step per desired share, then one per stray device of ours."""
+    by_id = {device.id: device for device in observed.fs if device.id is not None}
+    steps: list[Step] = []
+    for share in desired:
+        current = by_id.get(share.device_id)
+        if current is not None:
+            steps.append(Satisfied(share) if _matches(share, current) else Replace(share, current))
+        elif share.device_id in observed.device_tree_ids:
+            steps.append(WaitEject(share))
+        elif share.socket not in present_backends:
+            steps.append(WaitBackend(share))
+        else:
+            steps.append(Attach(share))
+    wanted = {share.device_id for share in desired}
+    for device_id in by_id:
+        if device_id in wanted or not _is_ours(device_id, device_id_prefix):
+            continue
+        steps.append(Detach(device_id) if prune else Unmanaged(device_id))
+    return tuple(steps)
+
+
+def _matches(share: Share, device: FsDevice) -> bool:
+    return (device.socket, device.num_queues, device.queue_size) == (
+        share.socket,
+        share.num_queues,
+        share.queue_size,
+    )
+
+
+def _is_ours(device_id: str, prefix: str) -> bool:
+    """An empty prefix claims nothing: we never prune devices we cannot tell apart."""
+    return bool(prefix) and device_id.startswith(prefix)
