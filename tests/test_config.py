@@ -1,0 +1,961 @@
+"""mounts.toml and mounts.d/*.toml: schema, defaults, every problem message, drop-ins."""
+
+import os
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from watcher.apisocket import ApiSocketPattern
+from watcher.config import (
+    DEFAULT_CONFIG_PATH,
+    BackendSettings,
+    Config,
+    ConfigError,
+    RetrySettings,
+    Share,
+    WatchSettings,
+    load_config,
+    parse_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "mounts.toml"
+
+WATCH = '[watch]\napi_socket = "/run/ch/{vm}.sock"\n'
+NOT_NORMALISED = "(remove empty, '.' and '..' components and any trailing slash)"
+SOCKET_CLASH = (
+    "(give each share its own virtiofsd socket: "
+    "two devices on one socket can hang Cloud Hypervisor)"
+)
+
+
+def parse(main: str, *drop_ins: tuple[str, str]) -> Config:
+    files = [("mounts.toml", main.encode()), *((n, t.encode()) for n, t in drop_ins)]
+    return parse_config(files)
+
+
+def problems(main: str, *drop_ins: tuple[str, str]) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as caught:
+        parse(main, *drop_ins)
+    return caught.value.problems
+
+
+def one_problem(main: str, *drop_ins: tuple[str, str]) -> str:
+    found = problems(main, *drop_ins)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def with_share(share: str, vm: str = "web01") -> str:
+    return f"{WATCH}[vm.{vm}]\nfs = [ {share} ]\n"
+
+
+# --- what a valid file turns into -------------------------------------------------
+
+
+def test_minimal_file_gets_every_default() -> None:
+    config = parse(WATCH)
+    assert config == Config(
+        files=("mounts.toml",),
+        watch=WatchSettings(
+            api_socket=ApiSocketPattern.parse("/run/ch/{vm}.sock"),
+            device_id_prefix="cocoon-fs-",
+            prune=False,
+        ),
+        retry=RetrySettings(initial_delay=0.2, max_delay=30.0, give_up_after=0.0),
+        backend=BackendSettings(
+            virtiofsd=None, extra_args=(), runtime_dir="/run/virtiofs-reattach", start="always"
+        ),
+        vms={},
+    )
+
+
+def test_every_key_is_read() -> None:
+    config = parse(
+        """
+[watch]
+api_socket = "/var/lib/cocoon/run/cloudhypervisor/{vm}/api.sock"
+device_id_prefix = "vfs-"
+prune = true
+
+[defaults]
+num_queues = 2
+queue_size = 256
+
+[retry]
+initial_delay = 1
+max_delay = 2.5
+give_up_after = 600
+
+[backend]
+virtiofsd = "/opt/bin/virtiofsd"
+extra_args = ["--thread-pool-size=4", "--xattr"]
+runtime_dir = "/run/vfs"
+start = "on-demand"
+
+[vm.web01]
+fs = [
+  { tag = "data", socket = "/run/virtiofsd/web01-data.sock" },
+  { tag = "logs", socket = "/run/virtiofsd/web01-logs.sock", queue_size = 512, num_queues = 4 },
+  { tag = "home", shared_dir = "/srv/web01/home", readonly = true, cache = "never" },
+]
+
+[vm."db.01"]
+
+[vm.empty]
+fs = []
+"""
+    )
+    assert config.watch == WatchSettings(
+        ApiSocketPattern.parse("/var/lib/cocoon/run/cloudhypervisor/{vm}/api.sock"), "vfs-", True
+    )
+    assert config.retry == RetrySettings(1.0, 2.5, 600.0)
+    assert isinstance(config.retry.initial_delay, float)
+    assert config.backend == BackendSettings(
+        "/opt/bin/virtiofsd", ("--thread-pool-size=4", "--xattr"), "/run/vfs", "on-demand"
+    )
+    assert config.vms == {
+        "web01": (
+            Share("web01", "data", "/run/virtiofsd/web01-data.sock", 2, 256, "vfs-data"),
+            Share("web01", "logs", "/run/virtiofsd/web01-logs.sock", 4, 512, "vfs-logs"),
+            Share(
+                "web01",
+                "home",
+                "/run/vfs/web01/home.sock",
+                2,
+                256,
+                "vfs-home",
+                shared_dir="/srv/web01/home",
+                readonly=True,
+                cache="never",
+            ),
+        ),
+        "db.01": (),
+        "empty": (),
+    }
+    assert list(config.vms) == ["web01", "db.01", "empty"]
+    assert [share.managed for share in config.vms["web01"]] == [False, False, True]
+
+
+def test_managed_share_defaults() -> None:
+    share = parse(with_share('{ tag = "home", shared_dir = "/srv/home/" }')).vms["web01"][0]
+    assert share == Share(
+        vm="web01",
+        tag="home",
+        socket="/run/virtiofs-reattach/web01/home.sock",
+        num_queues=1,
+        queue_size=1024,
+        device_id="cocoon-fs-home",
+        shared_dir="/srv/home/",
+        readonly=False,
+        cache="auto",
+    )
+    assert share.managed
+
+
+def test_managed_share_keeps_an_explicit_socket() -> None:
+    config = parse(with_share('{ tag = "home", shared_dir = "/srv/home", socket = "/run/h.sock" }'))
+    assert config.vms["web01"][0].socket == "/run/h.sock"
+    assert config.vms["web01"][0].managed
+
+
+def test_empty_device_id_prefix_gives_bare_tags() -> None:
+    config = parse(
+        '[watch]\napi_socket = "/run/ch/{vm}.sock"\ndevice_id_prefix = ""\n'
+        '[vm.web01]\nfs = [{ tag = "data", socket = "/run/d.sock" }]\n'
+    )
+    assert config.vms["web01"][0].device_id == "data"
+
+
+def test_toml_1_1_multi_line_inline_table_with_trailing_comma() -> None:
+    config = parse(
+        WATCH
+        + """[vm.web01]
+fs = [
+  {
+    tag = "data",
+    socket = "/run/d.sock",
+  },
+]
+"""
+    )
+    assert config.vms["web01"][0].socket == "/run/d.sock"
+
+
+def test_array_of_tables_syntax_works_too() -> None:
+    config = parse(WATCH + '[[vm.web01.fs]]\ntag = "data"\nsocket = "/run/d.sock"\n')
+    assert config.vms["web01"][0].tag == "data"
+
+
+def test_configs_compare_equal_when_the_content_is_the_same() -> None:
+    text = with_share('{ tag = "data", socket = "/run/d.sock" }')
+    assert parse(text) == parse(text)
+    assert parse(text) != parse(text.replace("/run/d.sock", "/run/e.sock"))
+    assert isinstance(parse(text).vms, MappingProxyType)
+
+
+def test_the_shipped_example_loads() -> None:
+    config = load_config(str(EXAMPLE))
+    assert config.files == (str(EXAMPLE),)
+    assert config.watch.api_socket.template == "/run/cloud-hypervisor/{vm}.sock"
+    assert [(s.tag, s.socket, s.queue_size) for s in config.vms["web01"]] == [
+        ("data", "/run/virtiofsd/web01-data.sock", 1024),
+        ("logs", "/run/virtiofsd/web01-logs.sock", 512),
+    ]
+    assert not any(share.managed for share in config.vms["web01"])
+
+
+def test_the_shipped_example_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    for key in [
+        "api_socket",
+        "device_id_prefix",
+        "prune",
+        "num_queues",
+        "queue_size",
+        "initial_delay",
+        "max_delay",
+        "give_up_after",
+        "virtiofsd",
+        "extra_args",
+        "runtime_dir",
+        "start",
+        "tag",
+        "socket",
+        "shared_dir",
+        "readonly",
+        "cache",
+        "/var/lib/cocoon/run/cloudhypervisor/{vm}/api.sock",
+        "cocoon vm fs detach --tag",
+    ]:
+        assert key in text, key
+
+
+def test_default_config_path() -> None:
+    assert DEFAULT_CONFIG_PATH == "/etc/virtiofs-reattach/mounts.toml"
+
+
+# --- reporting --------------------------------------------------------------------
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    found = problems(
+        """
+[watch]
+api_socket = "/run/ch/{vm}.sock"
+prune = "yes"
+
+[defaults]
+queue_size = 1000
+
+[vm.web01]
+fs = [{ tag = "my tag", socket = "/run/d.sock" }]
+"""
+    )
+    assert found == (
+        'mounts.toml: watch.prune: expected a boolean, got "yes" '
+        "(write true or false without quotes)",
+        "mounts.toml: defaults.queue_size: 1000 is not a power of two from 1 to 32768 "
+        "(Cloud Hypervisor accepts only those; e.g. 1024)",
+        'mounts.toml: vm.web01.fs[0].tag: "my tag" is not a valid tag '
+        "(use 1-36 letters, digits, '_' or '-', starting with a letter or digit)",
+    )
+
+
+def test_error_text_is_the_problem_lines() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("[watch]\nprune = 1\nextra = 2\n")
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    assert len(caught.value.problems) == 3
+
+
+def test_syntax_error_has_line_and_column() -> None:
+    assert one_problem('[watch]\napi_socket = "/run/ch/{vm}.sock"\nprune = yes\n') == (
+        "mounts.toml:3:9: Invalid value"
+    )
+
+
+def test_syntax_error_in_a_drop_in_does_not_hide_the_main_file_problems() -> None:
+    found = problems("[watch]\n", ("mounts.d/10-a.toml", "[vm.a]\nfs = [\n"))
+    assert found == (
+        "mounts.d/10-a.toml:3:1: Invalid value",
+        "mounts.toml: watch.api_socket: missing (set it to where the VMs' API sockets appear, "
+        'with {vm} standing for the VM name, e.g. "/run/cloud-hypervisor/{vm}.sock")',
+    )
+
+
+def test_invalid_utf8_has_line_and_column() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config([("mounts.toml", b'[watch]\napi_socket = "/r\xc3\xa9\xff"\n')])
+    assert caught.value.problems == (  # the column counts characters: "é" is one
+        "mounts.toml:2:18: invalid UTF-8 (TOML files must be UTF-8)",
+    )
+
+
+def test_parse_config_needs_the_main_file() -> None:
+    with pytest.raises(ValueError, match="at least the main file"):
+        parse_config([])
+
+
+# --- [watch] ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "",
+            "mounts.toml: watch: missing (add a [watch] section with "
+            'api_socket = "/run/cloud-hypervisor/{vm}.sock")',
+        ),
+        (
+            'watch = "x"',
+            'mounts.toml: watch: expected a table, got "x" (write it as a [watch] section)',
+        ),
+        (
+            "[watch]",
+            "mounts.toml: watch.api_socket: missing (set it to where the VMs' API sockets "
+            'appear, with {vm} standing for the VM name, e.g. "/run/cloud-hypervisor/{vm}.sock")',
+        ),
+        (
+            "[watch]\napi_socket = 5",
+            "mounts.toml: watch.api_socket: expected a string, got 5 "
+            "(put the value in double quotes)",
+        ),
+        (
+            '[watch]\napi_socket = "/run/ch.sock"',
+            'mounts.toml: watch.api_socket: "/run/ch.sock" has no {vm} placeholder '
+            '(put {vm} where the VM name appears, e.g. "/run/cloud-hypervisor/{vm}.sock")',
+        ),
+        (
+            '[watch]\napi_socket = "/run//{vm}.sock"',
+            f'mounts.toml: watch.api_socket: "/run//{{vm}}.sock" is not a normalised path '
+            f"{NOT_NORMALISED}",
+        ),
+        (
+            f'{WATCH}device_id_prefix = "__x"',
+            'mounts.toml: watch.device_id_prefix: "__x" is not a valid device id prefix '
+            "(use up to 32 letters, digits, '_', '.' or '-', starting with a letter or digit, "
+            'or ""; Cloud Hypervisor rejects ids starting with "__")',
+        ),
+        (
+            f'{WATCH}device_id_prefix = "{"p" * 33}"',
+            f'mounts.toml: watch.device_id_prefix: "{"p" * 33}" is not a valid device id prefix '
+            "(use up to 32 letters, digits, '_', '.' or '-', starting with a letter or digit, "
+            'or ""; Cloud Hypervisor rejects ids starting with "__")',
+        ),
+        (
+            f"{WATCH}device_id_prefix = 1",
+            "mounts.toml: watch.device_id_prefix: expected a string, got 1 "
+            "(put the value in double quotes)",
+        ),
+        (
+            f'{WATCH}device_id_prefix = ""\nprune = true',
+            "mounts.toml: watch.prune: true needs a non-empty device_id_prefix "
+            "(only ids carrying the prefix are pruned, "
+            'and with "" our devices cannot be told apart from ones attached by others)',
+        ),
+        (
+            f"{WATCH}prune = 1",
+            "mounts.toml: watch.prune: expected a boolean, got 1 "
+            "(write true or false without quotes)",
+        ),
+        (
+            f"{WATCH}api-socket = 1",
+            "mounts.toml: watch.api-socket: unknown key; did you mean 'api_socket'?",
+        ),
+        (
+            f"{WATCH}zzz = 1",
+            "mounts.toml: watch.zzz: unknown key "
+            "(remove it; allowed here: api_socket, device_id_prefix, prune)",
+        ),
+        (
+            f"{WATCH}[wacth]",
+            "mounts.toml: wacth: unknown key; did you mean 'watch'?",
+        ),
+        (
+            f'"my key" = 1\n{WATCH}',
+            'mounts.toml: "my key": unknown key '
+            "(remove it; allowed here: watch, defaults, retry, backend, vm)",
+        ),
+    ],
+)
+def test_watch_problems(text: str, message: str) -> None:
+    assert one_problem(text + "\n") == message
+
+
+@pytest.mark.parametrize("prefix", ["", "a", "cocoon-fs-", "x.y_z-", "p" * 32])
+def test_valid_device_id_prefixes(prefix: str) -> None:
+    assert parse(f'{WATCH}device_id_prefix = "{prefix}"\n').watch.device_id_prefix == prefix
+
+
+# --- [defaults] and per-share queue settings -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("num_queues = 0", "0 is less than 1 (use 1 or more)"),
+        ("num_queues = 1.0", "expected an integer, got 1.0 (write a whole number without quotes)"),
+        (
+            "num_queues = true",
+            "expected an integer, got true (write a whole number without quotes)",
+        ),
+        (
+            "queue_size = 0",
+            "0 is not a power of two from 1 to 32768 "
+            "(Cloud Hypervisor accepts only those; e.g. 1024)",
+        ),
+        (
+            "queue_size = 65536",
+            "65536 is not a power of two from 1 to 32768 "
+            "(Cloud Hypervisor accepts only those; e.g. 1024)",
+        ),
+        (
+            "queue_size = -2",
+            "-2 is not a power of two from 1 to 32768 "
+            "(Cloud Hypervisor accepts only those; e.g. 1024)",
+        ),
+        (
+            'queue_size = "1024"',
+            'expected an integer, got "1024" (write a whole number without quotes)',
+        ),
+    ],
+)
+def test_queue_problems_in_defaults_and_shares(setting: str, message: str) -> None:
+    key = setting.split(" ")[0]
+    assert (
+        one_problem(f"{WATCH}[defaults]\n{setting}\n") == f"mounts.toml: defaults.{key}: {message}"
+    )
+    share = f'{{ tag = "data", socket = "/run/d.sock", {setting} }}'
+    assert one_problem(with_share(share)) == f"mounts.toml: vm.web01.fs[0].{key}: {message}"
+
+
+@pytest.mark.parametrize("size", [1, 2, 256, 32768])
+def test_valid_queue_sizes(size: int) -> None:
+    assert parse(f"{WATCH}[defaults]\nqueue_size = {size}\n") == parse(WATCH)  # no VM, no effect
+    share = f'{{ tag = "data", socket = "/run/d.sock", queue_size = {size} }}'
+    assert parse(with_share(share)).vms["web01"][0].queue_size == size
+
+
+def test_share_settings_override_defaults() -> None:
+    config = parse(
+        f"{WATCH}[defaults]\nnum_queues = 2\nqueue_size = 128\n"
+        "[vm.web01]\nfs = [\n"
+        '  { tag = "a", socket = "/run/a.sock" },\n'
+        '  { tag = "b", socket = "/run/b.sock", num_queues = 3, queue_size = 64 },\n'
+        "]\n"
+    )
+    assert [(s.num_queues, s.queue_size) for s in config.vms["web01"]] == [(2, 128), (3, 64)]
+
+
+def test_defaults_unknown_key() -> None:
+    assert one_problem(f"{WATCH}[defaults]\nqueue_sise = 1\n") == (
+        "mounts.toml: defaults.queue_sise: unknown key; did you mean 'queue_size'?"
+    )
+
+
+# --- [retry] ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "initial_delay = 0",
+            "retry.initial_delay: 0 is not more than 0 "
+            "(use a positive number of seconds, e.g. 0.2)",
+        ),
+        (
+            "initial_delay = -0.5",
+            "retry.initial_delay: -0.5 is not more than 0 "
+            "(use a positive number of seconds, e.g. 0.2)",
+        ),
+        (
+            "max_delay = 0.1",
+            "retry.max_delay: 0.1 is less than initial_delay 0.2 "
+            "(raise max_delay or lower initial_delay)",
+        ),
+        (
+            "initial_delay = 5\nmax_delay = 4",
+            "retry.max_delay: 4 is less than initial_delay 5 "
+            "(raise max_delay or lower initial_delay)",
+        ),
+        (
+            "give_up_after = -1",
+            "retry.give_up_after: -1 is negative "
+            "(use 0 to keep trying while the VM's API socket is live, or a number of seconds)",
+        ),
+        (
+            "give_up_after = inf",
+            "retry.give_up_after: expected a number of seconds, got inf "
+            "(write a number without quotes, e.g. 0.5)",
+        ),
+        (
+            "max_delay = nan",
+            "retry.max_delay: expected a number of seconds, got nan "
+            "(write a number without quotes, e.g. 0.5)",
+        ),
+        (
+            "initial_delay = false",
+            "retry.initial_delay: expected a number of seconds, got false "
+            "(write a number without quotes, e.g. 0.5)",
+        ),
+        (
+            'max_delay = "30s"',
+            'retry.max_delay: expected a number of seconds, got "30s" '
+            "(write a number without quotes, e.g. 0.5)",
+        ),
+        ("delay = 1", "retry.delay: unknown key; did you mean 'max_delay'?"),
+    ],
+)
+def test_retry_problems(setting: str, message: str) -> None:
+    assert one_problem(f"{WATCH}[retry]\n{setting}\n") == f"mounts.toml: {message}"
+
+
+def test_invalid_initial_delay_is_not_compared_with_max_delay() -> None:
+    assert one_problem(f"{WATCH}[retry]\ninitial_delay = 0\nmax_delay = 0.1\n").startswith(
+        "mounts.toml: retry.initial_delay: 0 is not more than 0"
+    )
+
+
+def test_retry_accepts_equal_delays_and_zero_give_up() -> None:
+    retry = parse(f"{WATCH}[retry]\ninitial_delay = 2\nmax_delay = 2\ngive_up_after = 0\n").retry
+    assert retry == RetrySettings(2.0, 2.0, 0.0)
+
+
+# --- [backend] ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            'virtiofsd = "virtiofsd"',
+            "backend.virtiofsd: \"virtiofsd\" is not an absolute path (start it with '/')",
+        ),
+        (
+            'extra_args = "--xattr"',
+            'backend.extra_args: expected an array, got "--xattr" (write it as ["--flag", ...])',
+        ),
+        (
+            'extra_args = ["--xattr", 4]',
+            "backend.extra_args[1]: expected a string, got 4 (put the value in double quotes)",
+        ),
+        (
+            'runtime_dir = "/run/vfs/"',
+            f'backend.runtime_dir: "/run/vfs/" is not a normalised path {NOT_NORMALISED}',
+        ),
+        (
+            'runtime_dir = "run/vfs"',
+            "backend.runtime_dir: \"run/vfs\" is not an absolute path (start it with '/')",
+        ),
+        (
+            'start = "lazy"',
+            'backend.start: "lazy" is not a start mode (use "always" or "on-demand")',
+        ),
+        (
+            "start = true",
+            "backend.start: expected a string, got true (put the value in double quotes)",
+        ),
+        ("virtiofs = 1", "backend.virtiofs: unknown key; did you mean 'virtiofsd'?"),
+    ],
+)
+def test_backend_problems(setting: str, message: str) -> None:
+    assert one_problem(f"{WATCH}[backend]\n{setting}\n") == f"mounts.toml: {message}"
+
+
+def test_backend_virtiofsd_need_not_be_normalised() -> None:
+    backend = parse(f'{WATCH}[backend]\nvirtiofsd = "/opt//virtiofsd"\n').backend
+    assert backend.virtiofsd == "/opt//virtiofsd"
+
+
+# --- [vm.*] and shares --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[vm."my vm"]',
+            'mounts.toml: vm."my vm": "my vm" is not a valid VM name '
+            "(use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit)",
+        ),
+        (
+            '[vm.".."]',
+            'mounts.toml: vm."..": ".." is not a valid VM name '
+            "(use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit)",
+        ),
+        (
+            f"[vm.{'v' * 64}]",
+            f'mounts.toml: vm.{"v" * 64}: "{"v" * 64}" is not a valid VM name '
+            "(use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit)",
+        ),
+        (
+            'vm = "web01"',
+            'mounts.toml: vm: expected a table, got "web01" (write each VM as a [vm.NAME] section)',
+        ),
+        (
+            "vm.web01 = 1",
+            "mounts.toml: vm.web01: expected a table, got 1 "
+            "(write it as a [vm.NAME] section with fs = [ ... ])",
+        ),
+        (
+            '[vm."web.01"]\nfs = {}',
+            'mounts.toml: vm."web.01".fs: expected an array, got a table (write it as fs = '
+            '[ { tag = "data", socket = "/run/virtiofsd/data.sock" } ])',
+        ),
+        (
+            "[vm.web01]\nfs = [1]",
+            "mounts.toml: vm.web01.fs[0]: expected a table, got 1 (write each share as "
+            '{ tag = "data", socket = "/run/virtiofsd/data.sock" })',
+        ),
+        (
+            "[vm.web01]\nshares = []",
+            "mounts.toml: vm.web01.shares: unknown key (remove it; allowed here: fs)",
+        ),
+    ],
+)
+def test_vm_problems(text: str, message: str) -> None:
+    assert one_problem(f"{text}\n{WATCH}") == message
+
+
+def test_vm_names_with_dots_are_quoted_in_key_paths() -> None:
+    share = '{ tag = "bad tag", socket = "/run/d.sock" }'
+    assert one_problem(with_share(share, vm='"web.01"')).startswith(
+        'mounts.toml: vm."web.01".fs[0].tag: "bad tag" is not a valid tag'
+    )
+
+
+def test_vm_name_of_63_characters_is_valid() -> None:
+    name = "v" * 63
+    assert list(parse(f"{WATCH}[vm.{name}]\n").vms) == [name]
+
+
+def test_api_socket_path_is_checked_against_the_unix_socket_limit() -> None:
+    directory = "/run/" + "d" * 90  # 95 bytes + "/" + name + ".sock"
+    text = f'[watch]\napi_socket = "{directory}/{{vm}}.sock"\n[vm.abcdef]\n[vm.abcdefg]\n'
+    path = f"{directory}/abcdefg.sock"
+    assert len(path) == 108
+    assert one_problem(text) == (
+        f'mounts.toml: vm.abcdefg: its API socket "{path}" is 108 bytes, over the 107-byte '
+        "limit of a unix socket path (use a shorter VM name or watch.api_socket)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("share", "message"),
+    [
+        (
+            '{ socket = "/run/d.sock" }',
+            'vm.web01.fs[0].tag: missing (set the mount tag the guest mounts, e.g. tag = "data")',
+        ),
+        (
+            '{ tag = 5, socket = "/run/d.sock" }',
+            "vm.web01.fs[0].tag: expected a string, got 5 (put the value in double quotes)",
+        ),
+        (
+            f'{{ tag = "{"t" * 37}", socket = "/run/d.sock" }}',
+            f'vm.web01.fs[0].tag: "{"t" * 37}" is not a valid tag '
+            "(use 1-36 letters, digits, '_' or '-', starting with a letter or digit)",
+        ),
+        (
+            '{ tag = "a.b", socket = "/run/d.sock" }',
+            'vm.web01.fs[0].tag: "a.b" is not a valid tag '
+            "(use 1-36 letters, digits, '_' or '-', starting with a letter or digit)",
+        ),
+        (
+            '{ tag = "data" }',
+            "vm.web01.fs[0]: needs socket or shared_dir (set socket to use a virtiofsd you run, "
+            "or shared_dir to have the daemon run one)",
+        ),
+        (
+            '{ tag = "data", socket = "d.sock" }',
+            "vm.web01.fs[0].socket: \"d.sock\" is not an absolute path (start it with '/')",
+        ),
+        (
+            '{ tag = "data", socket = "/run/./d.sock" }',
+            f'vm.web01.fs[0].socket: "/run/./d.sock" is not a normalised path {NOT_NORMALISED}',
+        ),
+        (
+            f'{{ tag = "data", socket = "/{"s" * 102}.sock" }}',
+            f'vm.web01.fs[0].socket: "/{"s" * 102}.sock" is 108 bytes, over the 107-byte limit '
+            "of a unix socket path (use a shorter path)",
+        ),
+        (
+            '{ tag = "data", shared_dir = "srv/data" }',
+            "vm.web01.fs[0].shared_dir: \"srv/data\" is not an absolute path (start it with '/')",
+        ),
+        (
+            '{ tag = "data", socket = "/run/d.sock", readonly = true }',
+            "vm.web01.fs[0].readonly: only applies to a managed share (add shared_dir, or "
+            "remove it: a virtiofsd you run yourself takes its own flags)",
+        ),
+        (
+            '{ tag = "data", socket = "/run/d.sock", cache = "never" }',
+            "vm.web01.fs[0].cache: only applies to a managed share (add shared_dir, or "
+            "remove it: a virtiofsd you run yourself takes its own flags)",
+        ),
+        (
+            '{ tag = "data", shared_dir = "/srv", cache = "none" }',
+            'vm.web01.fs[0].cache: "none" is not a cache mode '
+            '(use one of "auto", "always", "never", "metadata")',
+        ),
+        (
+            '{ tag = "data", shared_dir = "/srv", readonly = "yes" }',
+            'vm.web01.fs[0].readonly: expected a boolean, got "yes" '
+            "(write true or false without quotes)",
+        ),
+        (
+            '{ tag = "data", socket = "/run/d.sock", sharedir = "/srv" }',
+            "vm.web01.fs[0].sharedir: unknown key; did you mean 'shared_dir'?",
+        ),
+        (
+            '{ tag = "data", socket = "/run/d.sock", path = "/srv" }',
+            "vm.web01.fs[0].path: unknown key (remove it; allowed here: tag, socket, "
+            "shared_dir, readonly, cache, num_queues, queue_size)",
+        ),
+    ],
+)
+def test_share_problems(share: str, message: str) -> None:
+    assert one_problem(with_share(share)) == f"mounts.toml: {message}"
+
+
+def test_socket_of_107_bytes_is_accepted() -> None:
+    socket = f"/{'s' * 101}.sock"
+    assert len(socket) == 107
+    share = f'{{ tag = "data", socket = "{socket}" }}'
+    assert parse(with_share(share)).vms["web01"][0].socket == socket
+
+
+def test_socket_length_counts_utf8_bytes() -> None:
+    socket = f"/{'é' * 51}.sock"  # 52 characters, 108 bytes
+    assert one_problem(with_share(f'{{ tag = "data", socket = "{socket}" }}')).startswith(
+        f'mounts.toml: vm.web01.fs[0].socket: "{socket}" is 108 bytes'
+    )
+
+
+def test_default_managed_socket_is_checked_against_the_limit() -> None:
+    runtime_dir = "/" + "r" * 91
+    text = f'{WATCH}[backend]\nruntime_dir = "{runtime_dir}"\n' + (
+        '[vm.web01]\nfs = [{ tag = "home", shared_dir = "/srv" }]\n'
+    )
+    socket = f"{runtime_dir}/web01/home.sock"
+    assert one_problem(text) == (
+        f'mounts.toml: vm.web01.fs[0]: default socket "{socket}" is {len(socket)} bytes, '
+        "over the 107-byte limit of a unix socket path (set socket, or use a shorter path)"
+    )
+
+
+def test_duplicate_tag_in_one_vm() -> None:
+    text = (
+        f"{WATCH}[vm.web01]\nfs = [\n"
+        '  { tag = "data", socket = "/run/a.sock" },\n'
+        '  { tag = "data", socket = "/run/b.sock" },\n'
+        "]\n[vm.web02]\n"
+        'fs = [{ tag = "data", socket = "/run/c.sock" }]\n'
+    )
+    assert one_problem(text) == (
+        'mounts.toml: vm.web01.fs[1].tag: "data" is already the tag of vm.web01.fs[0] '
+        "(give each share of a VM its own tag)"
+    )
+
+
+def test_socket_used_twice_in_one_vm() -> None:
+    text = with_share(
+        '{ tag = "a", socket = "/run/d.sock" }, { tag = "b", socket = "/run/d.sock" }'
+    )
+    assert one_problem(text) == (
+        'mounts.toml: vm.web01.fs[1].socket: "/run/d.sock" is also used by '
+        f"mounts.toml: vm.web01.fs[0].socket {SOCKET_CLASH}"
+    )
+
+
+def test_socket_used_by_two_vms() -> None:
+    text = (
+        f'{WATCH}[vm.web01]\nfs = [{{ tag = "a", socket = "/run/d.sock" }}]\n'
+        '[vm.web02]\nfs = [{ tag = "a", socket = "/run/d.sock" }]\n'
+    )
+    assert one_problem(text) == (
+        'mounts.toml: vm.web02.fs[0].socket: "/run/d.sock" is also used by '
+        f"mounts.toml: vm.web01.fs[0].socket {SOCKET_CLASH}"
+    )
+
+
+def test_explicit_socket_clashing_with_a_managed_default() -> None:
+    text = (
+        f'{WATCH}[vm.web01]\nfs = [{{ tag = "home", shared_dir = "/srv" }}]\n'
+        '[vm.web02]\nfs = [{ tag = "x", socket = "/run/virtiofs-reattach/web01/home.sock" }]\n'
+    )
+    assert one_problem(text) == (
+        'mounts.toml: vm.web02.fs[0].socket: "/run/virtiofs-reattach/web01/home.sock" is also '
+        f"used by mounts.toml: vm.web01.fs[0] as its default socket {SOCKET_CLASH}"
+    )
+
+
+def test_managed_default_clashing_with_an_explicit_socket() -> None:
+    text = (
+        f"{WATCH}[vm.web02]\n"
+        'fs = [{ tag = "x", socket = "/run/virtiofs-reattach/web01/home.sock" }]\n'
+        '[vm.web01]\nfs = [{ tag = "home", shared_dir = "/srv" }]\n'
+    )
+    assert one_problem(text) == (
+        'mounts.toml: vm.web01.fs[0]: default socket "/run/virtiofs-reattach/web01/home.sock" '
+        f"is also used by mounts.toml: vm.web02.fs[0].socket {SOCKET_CLASH}"
+    )
+
+
+# --- drop-ins, through parse_config -----------------------------------------------------
+
+
+def test_drop_ins_merge_in_order() -> None:
+    config = parse(
+        with_share('{ tag = "a", socket = "/run/a.sock" }', vm="main"),
+        ("mounts.d/10-b.toml", '[vm.b]\nfs = [{ tag = "a", socket = "/run/b.sock" }]\n'),
+        ("mounts.d/20-a.toml", "[vm.a]\n"),
+    )
+    assert config.files == ("mounts.toml", "mounts.d/10-b.toml", "mounts.d/20-a.toml")
+    assert list(config.vms) == ["main", "b", "a"]
+    assert config.vms["b"][0].device_id == "cocoon-fs-a"
+
+
+def test_vm_declared_in_two_files() -> None:
+    found = problems(
+        WATCH + '[vm.web01]\nfs = [{ tag = "a", socket = "/run/a.sock" }]\n',
+        ("mounts.d/10-x.toml", '[vm.web01]\nfs = [{ tag = "a", socket = "/run/a.sock" }]\n'),
+    )
+    assert found == (
+        "mounts.d/10-x.toml: vm.web01: already declared in mounts.toml "
+        "(declare each VM in one file only)",
+    )
+
+
+def test_socket_used_in_two_files() -> None:
+    found = problems(
+        WATCH + '[vm.web01]\nfs = [{ tag = "a", socket = "/run/a.sock" }]\n',
+        ("mounts.d/10-x.toml", '[vm.web02]\nfs = [{ tag = "a", socket = "/run/a.sock" }]\n'),
+    )
+    assert found == (
+        'mounts.d/10-x.toml: vm.web02.fs[0].socket: "/run/a.sock" is also used by '
+        f"mounts.toml: vm.web01.fs[0].socket {SOCKET_CLASH}",
+    )
+
+
+@pytest.mark.parametrize("section", ["watch", "defaults", "retry", "backend", "vms"])
+def test_drop_in_may_only_declare_vms(section: str) -> None:
+    found = problems(WATCH, ("mounts.d/10-x.toml", f"[{section}]\nx = 1\n[vm.web01]\n"))
+    assert found == (
+        f"mounts.d/10-x.toml: {section}: not allowed in a drop-in, only [vm.*] tables are "
+        "(move it to the main file mounts.toml)",
+    )
+
+
+def test_drop_in_shares_are_validated() -> None:
+    found = problems(WATCH, ("mounts.d/x.toml", '[vm.a]\nfs = [{ tag = "t", socket = "s" }]\n'))
+    assert found == (
+        "mounts.d/x.toml: vm.a.fs[0].socket: \"s\" is not an absolute path (start it with '/')",
+    )
+
+
+# --- load_config: files on disk ---------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_load_reads_drop_ins_sorted_and_ignores_other_files(tmp_path: Path) -> None:
+    main = write(tmp_path / "mounts.toml", WATCH + "[vm.main]\n")
+    drop_ins = tmp_path / "mounts.d"
+    write(drop_ins / "20-b.toml", "[vm.b]\n")
+    write(drop_ins / "10-a.toml", "[vm.a]\n")
+    write(drop_ins / "30-c.toml.disabled", "not toml at all [")
+    write(drop_ins / "README", "not toml at all [")
+    write(drop_ins / ".#40-d.toml", "not toml at all [")  # an editor's lock file
+    config = load_config(str(main))
+    assert config.files == (
+        str(main),
+        str(drop_ins / "10-a.toml"),
+        str(drop_ins / "20-b.toml"),
+    )
+    assert list(config.vms) == ["main", "a", "b"]
+
+
+def test_load_without_mounts_d(tmp_path: Path) -> None:
+    main = write(tmp_path / "mounts.toml", WATCH)
+    assert load_config(str(main)).files == (str(main),)
+
+
+def test_load_names_files_as_the_caller_passed_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "mounts.toml", WATCH + "[vm.web01]\n")
+    write(tmp_path / "mounts.d" / "10-x.toml", "[vm.web01]\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_config("mounts.toml")
+    assert caught.value.problems == (
+        "mounts.d/10-x.toml: vm.web01: already declared in mounts.toml "
+        "(declare each VM in one file only)",
+    )
+
+
+def test_load_missing_main_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "mounts.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == (
+        f"{path}: does not exist "
+        "(create it; config/mounts.toml in the project is a commented example)",
+    )
+
+
+def test_load_main_file_that_cannot_be_read(tmp_path: Path) -> None:
+    path = tmp_path / "mounts.toml"
+    path.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert caught.value.problems == (
+        f"{path}: cannot be read: Is a directory (make it readable by the daemon or remove it)",
+    )
+
+
+def test_load_unreadable_drop_in_is_reported_with_the_other_problems(tmp_path: Path) -> None:
+    main = write(tmp_path / "mounts.toml", WATCH + "prune = 1\n")
+    drop_ins = tmp_path / "mounts.d"
+    drop_ins.mkdir()
+    os.symlink(tmp_path / "nowhere.toml", drop_ins / "10-gone.toml")
+    write(drop_ins / "20-ok.toml", "[vm.ok]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(main))
+    assert caught.value.problems == (
+        f"{drop_ins}/10-gone.toml: cannot be read: No such file or directory "
+        "(make it readable by the daemon or remove it)",
+        f"{main}: watch.prune: expected a boolean, got 1 (write true or false without quotes)",
+    )
+
+
+def test_load_mounts_d_that_is_not_a_directory(tmp_path: Path) -> None:
+    main = write(tmp_path / "mounts.toml", WATCH)
+    write(tmp_path / "mounts.d", "")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(main))
+    assert caught.value.problems == (
+        f"{tmp_path}/mounts.d: cannot be listed: Not a directory (make it a readable directory)",
+    )
+
+
+def test_load_reports_problems_across_files(tmp_path: Path) -> None:
+    main = write(tmp_path / "mounts.toml", WATCH + '[vm.a]\nfs = [{ tag = "t", socket = "/s" }]\n')
+    write(tmp_path / "mounts.d" / "10-b.toml", '[vm.b]\nfs = [{ tag = "t", socket = "/s" }]\n')
+    write(tmp_path / "mounts.d" / "20-c.toml", "[backend]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(main))
+    assert caught.value.problems == (
+        f'{tmp_path}/mounts.d/10-b.toml: vm.b.fs[0].socket: "/s" is also used by '
+        f"{main}: vm.a.fs[0].socket {SOCKET_CLASH}",
+        f"{tmp_path}/mounts.d/20-c.toml: backend: not allowed in a drop-in, only [vm.*] tables "
+        f"are (move it to the main file {main})",
+    )
