@@ -52,7 +52,6 @@ DEFAULT_NUM_QUEUES = 1
 DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_RUNTIME_DIR = "/run/virtiofs-reattach"
 CACHE_MODES = ("auto", "always", "never", "metadata")
-START_MODES = ("always", "on-demand")
 
 SUN_PATH_MAX = 107
 """Longest unix socket path: ``sun_path`` is 108 bytes including the final NUL."""
