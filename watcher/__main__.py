@@ -1,0 +1,7 @@
+"""`python -m watcher` is the `virtiofs-reattach` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""The `virtiofs-reattach` command: run, check, once, demo.
+
+Exit codes are part of the interface (monitoring and config management use
+them): `check` 0 valid / 1 invalid / 2 usage; `once` 0 when every share of
+every running VM is attached, else 1; `run` 0 on SIGTERM/SIGINT, 1 when it
+cannot start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .daemon import Daemon, is_socket
+from .logs import kv, setup_logging
+from .reconciler import VmSettings, VmWorker
+from .state import ShareState, SocketState, VmStatus
+
+log = logging.getLogger("watcher")
+
+CONFIG_ENV = "VIRTIOFS_REATTACH_CONFIG"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo()
+    path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+    if args.command == "check":
+        return _check(path)
+    setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
+    config = _load_or_report(path)
+    if config is None:
+        return 1
+    if args.command == "once":
+        return asyncio.run(_once(config))
+    return asyncio.run(_run(config, path))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virtiofs-reattach",
+        description="Keep virtiofs shares attached to Cloud Hypervisor VMs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "run": "run the daemon in the foreground",
+        "check": "validate the config and exit (0 valid, 1 invalid)",
+        "once": "reconcile every running VM once, then exit (0 when all shares are attached)",
+    }
+    for name, text in helps.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument(
+            "-c",
+            "--config",
+            metavar="PATH",
+            help=f"config file (default: ${CONFIG_ENV} or {DEFAULT_CONFIG_PATH})",
+        )
+        if name != "check":
+            cmd.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+    sub.add_parser(
+        "demo",
+        help="show the daemon at work on two simulated VMs (no CH host needed)",
+        description="Start two Cloud Hypervisor test doubles and backends in a temp folder, "
+        "run the real daemon against them, restart one VM, and report what happened.",
+    )
+    return parser
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    shares = sum(len(shares) for shares in config.vms.values())
+    print(f"{path}: valid ({len(config.vms)} VMs, {shares} shares, files: {len(config.files)})")
+    return 0
+
+
+def _load_or_report(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error(kv("config invalid", problem=problem))
+        return None
+
+
+async def _run(config: Config, path: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    daemon = Daemon(config)
+    log.info(
+        kv(
+            "starting",
+            config=path,
+            vms=len(config.vms),
+            api_socket=config.watch.api_socket.template,
+        )
+    )
+    daemon.start()
+    await stop.wait()
+    log.info(kv("stopping", reason="signal"))
+    await daemon.stop()
+    return 0
+
+
+async def _once(config: Config) -> int:
+    """One pass per VM whose API socket exists, all VMs at once, no backoff."""
+    settings = VmSettings(
+        device_id_prefix=config.watch.device_id_prefix,
+        prune=config.watch.prune,
+        retry=config.retry,
+    )
+    workers = []
+    for name, shares in config.vms.items():
+        path = config.watch.api_socket.path_for(name)
+        if is_socket(path):
+            workers.append(VmWorker(name, path, shares, settings))
+        else:
+            print(f"{name}: not running (no API socket at {path})")
+    await asyncio.gather(*(worker.reconcile(retry=False) for worker in workers))
+    ok = True
+    for worker in workers:
+        ok &= _print_vm(worker.status)
+    return 0 if ok else 1
+
+
+def _print_vm(status: VmStatus) -> bool:
+    if status.socket is SocketState.STALE:
+        print(f"{status.name}: not running (stale API socket {status.api_socket})")
+        return True
+    header = f"{status.name}: CH {status.ch_version or '?'} pid {status.ch_pid or '?'}"
+    print(f"{header}, VM {status.vm_state or status.socket.value}")
+    ok = True
+    for share in status.shares.values():
+        line = f"  {share.tag} ({share.device_id}): {share.state.value}"
+        if share.detail:
+            line += f": {share.detail}"
+        if share.fix:
+            line += f" (fix: {share.fix})"
+        print(line)
+        ok &= share.state is ShareState.ATTACHED
+    if not status.shares and status.detail:
+        print(f"  {status.detail}")
+    for device_id in status.unmanaged:
+        print(f"  {device_id}: no longer managed (not in the config; prune is off)")
+    return ok and status.socket is SocketState.LIVE

@@ -1,0 +1,465 @@
+"""One VM's reconcile loop: read CH's state, apply the plan, retry what can succeed later.
+
+Theory of operation. A `VmWorker` is one asyncio task per VM whose API socket
+exists. Events never carry meaning into it: the daemon only `poke()`s it, and
+every pass starts from `vmm.ping` + `vm.info` (level-based, see plan.py).
+A pass ends in one of three ways:
+- done: every share is attached, waiting for something an event will
+  announce (a backend socket appearing), or blocked by an error that no retry
+  can fix (shared memory off, invalid config): the task sleeps until poked;
+- retry: something that time can fix (VM not created yet, CH busy, eject
+  pending, a timed-out add-fs whose outcome is unknown): tenacity backs off,
+  bounded by [retry], and a poke cuts the wait short;
+- stale: the socket file exists but nothing listens (CH died, §6): no retry
+  and no CPU until the socket is created again.
+The daemon cancels the task the moment the socket is deleted; cancellation
+propagates through tenacity's sleep and any in-flight request.
+
+Identity of a CH process is `vmm.ping`'s pid (inode numbers repeat, §6).
+Errors that block a share are remembered per pid, so a new CH process, or a
+config change (a new worker), tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import stat
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+)
+from tenacity.stop import StopBaseT
+
+from . import plan
+from .answers import FIXES, Kind, is_retryable
+from .chclient import ApiError, BadAnswer, ChClient, NotCloudHypervisor
+from .config import RetrySettings, Share
+from .logs import FailureThrottle, kv
+from .state import ShareState, ShareStatus, SocketState, VmStatus
+from .unixhttp import HttpProtocolError
+
+log = logging.getLogger("watcher.reconciler")
+
+STALE_PROBES = (0.02, 0.05, 0.1, 0.2)
+"""Waits between connect attempts before a refused socket counts as stale.
+
+CH binds and listens back to back (microseconds apart) and a CH double or a
+v53 restart may unlink and re-bind, so a single ECONNREFUSED right after the
+create event is not proof of a dead socket (§6)."""
+
+EJECT_PATIENCE = 30.0
+"""After this long waiting for a guest to eject a removed device, say so loudly:
+the guest most likely lacks ACPI PCI hotplug support (§5)."""
+
+
+class _RetryPass(Exception):
+    """Raised at the end of a pass when something time can fix is still pending."""
+
+
+class _StaleSocket(Exception):
+    """Nobody listens on the API socket; wait for the next create event."""
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    device_id_prefix: str
+    prune: bool
+    retry: RetrySettings
+
+
+def backend_present(path: str) -> bool:
+    """The backend socket file exists and is a socket. Never connect to check:
+    virtiofsd serves exactly one connection (virtiofsd.md §2)."""
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+class VmWorker:
+    """Keeps one VM's declared shares attached; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        api_socket: str,
+        shares: Sequence[Share],
+        settings: VmSettings,
+        *,
+        limiter: AbstractAsyncContextManager[Any] | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        throttle: FailureThrottle | None = None,
+    ) -> None:
+        self.name = name
+        self.shares = tuple(shares)
+        self.settings = settings
+        self.client = ChClient(api_socket, limiter)
+        self.status = VmStatus(name=name, api_socket=api_socket)
+        for share in self.shares:
+            self.status.shares[share.tag] = ShareStatus(tag=share.tag, device_id=share.device_id)
+        self._on_change = on_change
+        self._throttle = throttle or FailureThrottle()
+        self._poked = asyncio.Event()
+        self._pid: int | None = None
+        self._blocked: dict[str, str] = {}
+        """device id -> reason, for errors no retry can fix; cleared for a new CH pid."""
+        self._eject_waiting_since: dict[str, float] = {}
+        self._reported_unmanaged: set[str] = set()
+
+    # ---- driving ---------------------------------------------------------
+
+    def poke(self) -> None:
+        """Ask for a pass soon; many pokes before it starts cost one pass."""
+        self._poked.set()
+
+    async def run(self) -> None:
+        """The task body: a pass per poke (the first poke comes from the daemon)."""
+        while True:
+            await self._poked.wait()
+            self._poked.clear()
+            await self.reconcile(retry=True)
+
+    async def reconcile(self, *, retry: bool) -> None:
+        """One pass, or passes with backoff until nothing retryable is left."""
+        if not retry:
+            with contextlib.suppress(_RetryPass, _StaleSocket):
+                await self._pass()
+            return
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_RetryPass),
+                wait=self._wait,
+                stop=self._stop(),
+                sleep=self._sleep,
+                before_sleep=self._before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    await self._pass()
+        except _StaleSocket:
+            pass
+        except _RetryPass as exc:
+            self._give_up(str(exc))
+
+    # ---- retry policy ----------------------------------------------------
+
+    def _stop(self) -> StopBaseT:
+        give_up = self.settings.retry.give_up_after
+        return stop_after_delay(give_up) if give_up > 0 else stop_never
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, never above max_delay."""
+        retry = self.settings.retry
+        base = retry.initial_delay * 2 ** (state.attempt_number - 1)
+        jitter = random.uniform(0, retry.initial_delay)
+        return float(min(retry.max_delay, base + jitter))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off, but wake at once when poked: a new CH or backend is news."""
+        try:
+            await asyncio.wait_for(self._poked.wait(), seconds)
+        except TimeoutError:
+            return
+        self._poked.clear()
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        upcoming = state.upcoming_sleep
+        next_at = time.time() + upcoming
+        for share in self.status.shares.values():
+            if share.state in (ShareState.RETRYING, ShareState.WAITING_EJECT):
+                share.next_try_at = next_at
+                share.attempt = state.attempt_number
+        self._on_change()
+
+    def _give_up(self, reason: str) -> None:
+        for share in self.status.shares.values():
+            if share.state in (ShareState.RETRYING, ShareState.WAITING_EJECT):
+                self._set(
+                    share,
+                    ShareState.FAILED,
+                    f"gave up after {self.settings.retry.give_up_after:g}s: {share.detail}",
+                    fix="restart the VM or edit the config to try again",
+                )
+        log.error(kv("giving up", vm=self.name, reason=reason))
+        self._on_change()
+
+    # ---- one pass --------------------------------------------------------
+
+    async def _pass(self) -> None:
+        try:
+            await self._identify()
+            info = await self.client.info()
+            self.status.vm_state = info.state
+            self.status.detail = ""
+            steps = plan.plan_vm(
+                self.shares,
+                info,
+                device_id_prefix=self.settings.device_id_prefix,
+                prune=self.settings.prune,
+                present_backends={s.socket for s in self.shares if backend_present(s.socket)},
+            )
+            pending = [reason for step in steps if (reason := await self._apply(step))]
+        except ApiError as exc:
+            self.status.detail = f"{exc.call}: {exc.answer.reason}"
+            self._mark_all_pending_retrying(self.status.detail)
+            raise _RetryPass(self.status.detail) from exc
+        except (TimeoutError, OSError, HttpProtocolError, BadAnswer) as exc:
+            self._unreachable(exc)
+            raise _RetryPass(self.status.detail) from exc
+        finally:
+            self._on_change()
+        if pending:
+            raise _RetryPass("; ".join(pending))
+
+    async def _identify(self) -> None:
+        """vmm.ping: is this CH, which process, and is anyone listening at all."""
+        for delay in (*STALE_PROBES, None):
+            try:
+                identity = await self.client.ping()
+                break
+            except FileNotFoundError:
+                self._gone()
+                raise _StaleSocket from None
+            except ConnectionRefusedError:
+                if delay is None:
+                    self._stale()
+                    raise _StaleSocket from None
+                await asyncio.sleep(delay)
+            except NotCloudHypervisor as exc:
+                self._not_ch(str(exc))
+                raise _StaleSocket from exc
+        self.status.socket = SocketState.LIVE
+        self.status.ch_version = identity.version
+        if identity.pid != self._pid:
+            if self._pid is not None or self._blocked:
+                log.info(kv("new CH process", vm=self.name, pid=identity.pid))
+            self._pid = identity.pid
+            self._blocked.clear()
+        self.status.ch_pid = identity.pid
+
+    async def _apply(self, step: plan.Step) -> str | None:
+        """Carry out one step; return why a retry is needed, or None."""
+        match step:
+            case plan.Satisfied(share):
+                self._attached(share, already=True)
+            case plan.WaitBackend(share):
+                self._set_for(
+                    share, ShareState.WAITING_BACKEND, f"waiting for backend socket {share.socket}"
+                )
+            case plan.WaitEject(share):
+                return self._waiting_eject(share)
+            case plan.Attach(share):
+                return await self._attach(share)
+            case plan.Replace(share, current):
+                return await self._replace(share, current.socket)
+            case plan.Detach(device_id):
+                return await self._detach(device_id)
+            case plan.Unmanaged(device_id):
+                if device_id not in self._reported_unmanaged:
+                    self._reported_unmanaged.add(device_id)
+                    log.info(kv("no longer managed", vm=self.name, id=device_id))
+                if device_id not in self.status.unmanaged:
+                    self.status.unmanaged.append(device_id)
+        return None
+
+    async def _attach(self, share: Share) -> str | None:
+        if share.device_id in self._blocked:
+            return None
+        started = time.monotonic()
+        try:
+            result = await self.client.add_fs(share)
+        except ApiError as exc:
+            return await self._attach_refused(share, exc)
+        except TimeoutError:
+            # §9: the add may still happen inside CH; the next pass re-reads vm.info.
+            return self._retrying(share, "vm.add-fs timed out; outcome unknown, re-reading vm.info")
+        except (ConnectionError, HttpProtocolError, BadAnswer) as exc:
+            return self._retrying(share, f"vm.add-fs failed: {exc or type(exc).__name__}")
+        self._attached(
+            share,
+            already=False,
+            hot=result.hot,
+            bdf=result.bdf,
+            ms=round((time.monotonic() - started) * 1000),
+        )
+        return None
+
+    async def _attach_refused(self, share: Share, exc: ApiError) -> str | None:
+        answer = exc.answer
+        if answer.kind is Kind.DUPLICATE_ID:
+            # Someone (a previous run of ours, Cocoon) added it meanwhile: look again.
+            info = await self.client.info()
+            if any(device.id == share.device_id for device in info.fs):
+                self._attached(share, already=True)
+                return None
+            return self._retrying(share, answer.reason)
+        if is_retryable(answer):
+            return self._retrying(share, answer.reason)
+        fix = FIXES.get(answer.kind, FIXES[Kind.UNEXPECTED])
+        self._blocked[share.device_id] = answer.reason
+        self._set_for(share, ShareState.FAILED, answer.reason, fix=fix)
+        log.error(
+            kv(
+                "attach failed",
+                vm=self.name,
+                tag=share.tag,
+                id=share.device_id,
+                reason=answer.reason,
+                fix=fix,
+                retry="after the VM restarts or the config changes",
+            )
+        )
+        return None
+
+    async def _replace(self, share: Share, old_socket: str) -> str | None:
+        """Settings changed: remove now, re-add once the guest has ejected (§5)."""
+        try:
+            await self.client.remove_device(share.device_id)
+        except ApiError as exc:
+            return self._retrying(share, f"remove for replacement failed: {exc.answer.reason}")
+        log.info(
+            kv("replacing", vm=self.name, tag=share.tag, id=share.device_id, old_socket=old_socket)
+        )
+        return self._waiting_eject(share)
+
+    async def _detach(self, device_id: str) -> str | None:
+        try:
+            await self.client.remove_device(device_id)
+        except ApiError as exc:
+            if exc.answer.kind is Kind.UNKNOWN_DEVICE:
+                return None
+            log.warning(kv("detach failed", vm=self.name, id=device_id, reason=exc.answer.reason))
+            return f"detach {device_id}: {exc.answer.reason}"
+        log.info(kv("detached", vm=self.name, id=device_id, reason="removed from the config"))
+        return None
+
+    # ---- status bookkeeping ---------------------------------------------
+
+    def _set(self, status: ShareStatus, state: ShareState, detail: str, fix: str = "") -> None:
+        if status.state is not state:
+            status.since = time.time()
+            if state is not ShareState.RETRYING:
+                status.attempt = 0
+        status.state, status.detail, status.fix = state, detail, fix
+        if state not in (ShareState.RETRYING, ShareState.WAITING_EJECT):
+            status.next_try_at = None
+
+    def _set_for(self, share: Share, state: ShareState, detail: str, fix: str = "") -> None:
+        self._set(self.status.shares[share.tag], state, detail, fix)
+        if state is ShareState.WAITING_BACKEND:
+            self._note_failure(share, "waiting for backend", detail, logging.INFO)
+
+    def _attached(self, share: Share, *, already: bool, **fields: object) -> None:
+        status = self.status.shares[share.tag]
+        was = status.state
+        self._set(status, ShareState.ATTACHED, "")
+        self._eject_waiting_since.pop(share.device_id, None)
+        self._throttle.clear(f"{self.name}/{share.tag}")
+        if not already:
+            log.info(kv("attached", vm=self.name, tag=share.tag, id=share.device_id, **fields))
+        elif was is not ShareState.ATTACHED:
+            log.info(kv("already attached", vm=self.name, tag=share.tag, id=share.device_id))
+
+    def _retrying(self, share: Share, reason: str) -> str:
+        self._set_for(share, ShareState.RETRYING, reason)
+        self._note_failure(share, "attach retrying", reason, logging.WARNING)
+        return f"{share.tag}: {reason}"
+
+    def _waiting_eject(self, share: Share) -> str:
+        now = time.monotonic()
+        since = self._eject_waiting_since.setdefault(share.device_id, now)
+        detail = f"waiting for the guest to eject {share.device_id}"
+        if now - since >= EJECT_PATIENCE:
+            detail += (
+                f" for {now - since:.0f}s; does the guest support ACPI PCI hotplug"
+                " and is it running (not paused)?"
+            )
+            self._note_failure(share, "eject overdue", detail, logging.WARNING)
+        self._set_for(share, ShareState.WAITING_EJECT, detail)
+        return f"{share.tag}: {detail}"
+
+    def _note_failure(self, share: Share, event: str, reason: str, level: int) -> None:
+        key = f"{self.name}/{share.tag}"
+        held_back = self._throttle.admit(key, f"{event}:{reason}", time.monotonic())
+        if held_back is None:
+            return
+        log.log(
+            level,
+            kv(
+                event,
+                vm=self.name,
+                tag=share.tag,
+                id=share.device_id,
+                attempt=self.status.shares[share.tag].attempt or None,
+                reason=reason,
+                repeated=held_back or None,
+            ),
+        )
+
+    def _mark_all_pending_retrying(self, reason: str) -> None:
+        for share in self.shares:
+            status = self.status.shares[share.tag]
+            if status.state is not ShareState.ATTACHED and share.device_id not in self._blocked:
+                self._retrying(share, reason)
+
+    def _unreachable(self, exc: BaseException) -> None:
+        self.status.socket = SocketState.UNREACHABLE
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = "CH did not answer in time (busy connecting a backend, or hung)"
+        self.status.detail = reason
+        self._mark_all_pending_retrying(reason)
+
+    def _gone(self) -> None:
+        self.status.socket = SocketState.ABSENT
+        self.status.ch_pid = None
+        self.status.detail = "no API socket: the VM is not running"
+
+    def _stale(self) -> None:
+        if self.status.socket is not SocketState.STALE:
+            log.info(
+                kv(
+                    "api socket is stale",
+                    vm=self.name,
+                    socket=self.status.api_socket,
+                    reason="connection refused: no CH listens; waiting for it to be recreated",
+                )
+            )
+        self.status.socket = SocketState.STALE
+        self.status.ch_pid = None
+        self.status.detail = "stale API socket: CH is not running"
+        self._on_change()
+
+    def _not_ch(self, reason: str) -> None:
+        if self.status.socket is not SocketState.NOT_CH:
+            log.error(
+                kv(
+                    "backend does not support fs attach",
+                    vm=self.name,
+                    socket=self.status.api_socket,
+                    reason=reason,
+                )
+            )
+        self.status.socket = SocketState.NOT_CH
+        self.status.detail = f"backend does not support fs attach: {reason}"
+        for share in self.shares:
+            self._set_for(
+                share,
+                ShareState.FAILED,
+                self.status.detail,
+                fix="point [watch] api_socket at Cloud Hypervisor API sockets",
+            )
+        self._on_change()
