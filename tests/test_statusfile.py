@@ -1,4 +1,8 @@
-"""The state file: the version-1 document, atomic writes in a real folder, and reading it back."""
+"""The state file (statusfile) and what `status` shows from it (statusview).
+
+The document is written atomically into real tmp_path folders; the view's
+"not running" verdict is checked against a real, reaped child pid.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,16 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from watcher import statusfile
+from watcher import statusfile, statusview
 from watcher.state import ShareState, ShareStatus, SocketState, VmStatus
 from watcher.statusfile import Document, StatusFileError, StatusFileMissing
 
@@ -229,3 +236,204 @@ def test_read_ignores_keys_it_does_not_know(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text(json.dumps(document))
     assert statusfile.read(str(path))["vms"][0]["shares"][0]["tag"] == "data"
+
+
+# ---- statusview: what `virtiofs-reattach status` prints from the file -------------------
+
+NOW = 1_000_000.0
+
+
+def share_line(document: Document, tag: str) -> str:
+    text = statusview.human(document, now=NOW)
+    (line,) = [ln for ln in text.splitlines() if ln.split()[1:2] == [tag]]
+    return line
+
+
+def one_share(state: ShareState, **fields: Any) -> VmStatus:
+    vm = VmStatus(
+        name="web01",
+        api_socket="/run/ch/web01.sock",
+        socket=SocketState.LIVE,
+        ch_version="53.0.0",
+        ch_pid=4321,
+        vm_state="Running",
+    )
+    vm.shares["data"] = ShareStatus("data", "cocoon-fs-data", state, **fields)
+    return vm
+
+
+@pytest.mark.parametrize(
+    ("state", "fields", "expected"),
+    [
+        (ShareState.PENDING, {}, "web01  data  pending             -"),
+        (ShareState.ATTACHED, {"since": NOW - 180}, "web01  data  attached           3m"),
+        (
+            ShareState.WAITING_BACKEND,
+            {"since": NOW - 42, "detail": "no virtiofsd at /run/vfs/data.sock"},
+            "web01  data  waiting-backend   42s  no virtiofsd at /run/vfs/data.sock",
+        ),
+        (
+            ShareState.WAITING_EJECT,
+            {"since": NOW - 7200, "detail": "old device still ejecting", "next_try_at": NOW + 5},
+            "web01  data  waiting-eject      2h  old device still ejecting (next try in 5s)",
+        ),
+        (
+            ShareState.RETRYING,
+            {
+                "since": NOW - 12,
+                "detail": "vm.add-fs: connection refused",
+                "attempt": 3,
+                "next_try_at": NOW + 2,
+            },
+            "web01  data  retrying          12s  vm.add-fs: connection refused"
+            " (attempt 3, next try in 2s)",
+        ),
+        (
+            ShareState.FAILED,
+            {
+                "since": NOW - 3 * 86400,
+                "detail": "shared memory is off",
+                "fix": "start the VM with --memory shared=on",
+            },
+            "web01  data  failed             3d  shared memory is off;"
+            " fix: start the VM with --memory shared=on",
+        ),
+    ],
+)
+def test_human_view_shows_each_share_state(
+    state: ShareState, fields: dict[str, Any], expected: str
+) -> None:
+    assert share_line(render(one_share(state, **fields)), "data") == expected
+
+
+def test_human_view_header_vm_line_and_unmanaged_devices() -> None:
+    idle = VmStatus(name="db02", api_socket="/run/ch/db02.sock", detail="no API socket")
+    idle.shares["db"] = ShareStatus("db", "cocoon-fs-db")
+    document = render(web01(), idle)
+    document["pid"] = 812
+    document["updated"] = NOW - 4
+    lines = statusview.human(document, now=NOW).splitlines()
+    assert lines[0] == (
+        "virtiofs-reattach pid 812, updated 4s ago;"
+        " config /etc/virtiofs-reattach/mounts.toml valid (1 file)"
+    )
+    assert "web01  socket live, CH 53.0.0, pid 4321, VM Running" in lines
+    assert "web01  not in the config, left attached (prune is off): cocoon-fs-old" in lines
+    assert "db02   socket absent: no API socket" in lines
+    assert "db02   db    pending             -" in lines
+
+
+def test_human_view_lists_config_problems_and_no_vms() -> None:
+    document = render(valid=False, problems=("mounts.toml:3:1: Invalid value",))
+    lines = statusview.human(document, now=NOW).splitlines()
+    assert "INVALID (1 problems)" in lines[0]
+    assert lines[1:] == ["  mounts.toml:3:1: Invalid value", "no VMs configured"]
+
+
+def live(*states: ShareState, socket_state: SocketState = SocketState.LIVE) -> VmStatus:
+    vm = VmStatus(name=f"vm-{socket_state.value}", api_socket="/s", socket=socket_state)
+    for i, state in enumerate(states):
+        vm.shares[f"t{i}"] = ShareStatus(f"t{i}", f"cocoon-fs-t{i}", state)
+    return vm
+
+
+@pytest.mark.parametrize(
+    ("document", "code"),
+    [
+        (render(), 0),
+        (render(live(ShareState.ATTACHED, ShareState.ATTACHED)), 0),
+        (render(live(ShareState.ATTACHED, ShareState.RETRYING)), 1),
+        (render(live(ShareState.PENDING)), 1),
+        (render(live(ShareState.FAILED)), 1),
+        (render(live(ShareState.PENDING, socket_state=SocketState.ABSENT)), 0),
+        (render(live(ShareState.PENDING, socket_state=SocketState.STALE)), 0),
+        (render(live(ShareState.ATTACHED), valid=False, problems=("x",)), 1),
+    ],
+    ids=[
+        "no-vms",
+        "all-attached",
+        "one-retrying",
+        "pending",
+        "failed",
+        "vm-not-running",
+        "stale-socket",
+        "config-invalid",
+    ],
+)
+def test_exit_code(document: Document, code: int) -> None:
+    assert statusview.exit_code(document) == code
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """A pid that certainly existed and is now reaped."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_pid_liveness(dead_pid: int) -> None:
+    assert statusview.pid_alive(os.getpid())
+    assert not statusview.pid_alive(dead_pid)
+    assert not statusview.pid_alive(0)
+    assert not statusview.pid_alive(-1)
+
+
+def test_state_left_by_a_dead_daemon_is_reported_as_not_running(
+    tmp_path: Path, dead_pid: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = render(live(ShareState.ATTACHED))
+    document["pid"] = dead_pid
+    path = str(tmp_path / "state.json")
+    assert statusfile.write(path, document)
+
+    assert statusview.show(path) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(document["updated"]))
+    assert err.strip() == (
+        f"virtiofs-reattach is not running (state file from {written} left by pid {dead_pid})"
+    )
+
+
+def test_show_prints_the_table_and_returns_the_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "state.json")
+    assert statusfile.write(path, render(web01()))
+    assert statusview.show(path) == 1  # web01's "logs" share is retrying
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "web01  logs  retrying" in out
+
+
+def test_show_json_prints_the_document_as_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "state.json")
+    document = render(live(ShareState.ATTACHED))
+    assert statusfile.write(path, document)
+    assert statusview.show(path, json_output=True) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert json.loads(out) == document
+    assert out.startswith('{\n  "version": 1,')
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "virtiofs-reattach is not running, or cannot write its state (no state file at"),
+        (b"{", "is corrupt"),
+    ],
+)
+def test_show_without_a_usable_file_says_why_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "state.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert statusview.show(str(path), json_output=True) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in err

@@ -1,0 +1,159 @@
+"""`virtiofs-reattach status [--json]`: the state file, shown to a person or a script.
+
+The view trusts nothing it cannot check. The state file outlives the daemon
+on purpose (RuntimeDirectoryPreserve=yes), so before showing anything the
+view asks the kernel whether the pid that wrote it still exists; a dead
+writer means every "attached" in the file may be history, and the only
+honest answer is "not running" with exit code 1.
+
+Exit codes, part of the interface like `once`'s: 0 when the config is valid
+and every share of every VM whose API socket is live is attached; 1
+otherwise, including daemon not running and unreadable state. A VM that is
+not running does not count against the daemon: there is nothing to attach
+to. Messages about the file or the daemon go to stderr, so stdout carries
+only the requested format and `--json` output always parses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from .statusfile import Document, ShareDoc, StatusFileError, StatusFileMissing, VmDoc, read
+
+STATE_WIDTH = len("waiting-backend")
+
+
+def pid_alive(pid: int) -> bool:
+    """Signal 0 tests existence; EPERM still means it exists (a root daemon, a user CLI)."""
+    if pid <= 0:
+        return False  # kill(0) and kill(-1) address process groups, not one process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def not_running(document: Document, is_alive: Callable[[int], bool] = pid_alive) -> str | None:
+    """The verdict when the writer of `document` is gone, else None."""
+    pid = document["pid"]
+    if is_alive(pid):
+        return None
+    written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(document["updated"]))
+    return f"virtiofs-reattach is not running (state file from {written} left by pid {pid})"
+
+
+def exit_code(document: Document) -> int:
+    if not document["config"]["valid"]:
+        return 1
+    for vm in document["vms"]:
+        if vm["socket"] == "live" and any(s["state"] != "attached" for s in vm["shares"]):
+            return 1
+    return 0
+
+
+def as_json(document: Document) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
+def human(document: Document, *, now: float) -> str:
+    """One header line, then per VM a socket line and one line per share.
+
+    Every line starts with the VM name so `status | grep web01` shows all
+    of a VM; times are relative to `now`, because "3m" is what a person
+    checking on a stuck share wants to know.
+    """
+    config = document["config"]
+    files = len(config["files"])
+    verdict = "valid" if config["valid"] else f"INVALID ({len(config['problems'])} problems)"
+    lines = [
+        f"virtiofs-reattach pid {document['pid']}, updated {_span(now - document['updated'])} ago;"
+        f" config {config['path']} {verdict} ({files} file{'s' if files != 1 else ''})"
+    ]
+    lines.extend(f"  {problem}" for problem in config["problems"])
+    vms = document["vms"]
+    if not vms:
+        lines.append("no VMs configured")
+    name_width = max((len(vm["name"]) for vm in vms), default=0)
+    tag_width = max((len(s["tag"]) for vm in vms for s in vm["shares"]), default=0)
+    for vm in vms:
+        name = vm["name"].ljust(name_width)
+        lines.append(f"{name}  {_vm_summary(vm)}")
+        for share in vm["shares"]:
+            since = "-" if share["since"] is None else _span(now - share["since"])
+            line = (
+                f"{name}  {share['tag'].ljust(tag_width)}  {share['state'].ljust(STATE_WIDTH)}"
+                f"  {since:>4}  {_share_detail(share, now)}"
+            )
+            lines.append(line.rstrip())
+        if vm["unmanaged"]:
+            lines.append(
+                f"{name}  not in the config, left attached (prune is off): "
+                + ", ".join(vm["unmanaged"])
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _vm_summary(vm: VmDoc) -> str:
+    parts = [f"socket {vm['socket']}"]
+    if vm["ch_version"] is not None:
+        parts.append(f"CH {vm['ch_version']}")
+    if vm["ch_pid"] is not None:
+        parts.append(f"pid {vm['ch_pid']}")
+    if vm["vm_state"] is not None:
+        parts.append(f"VM {vm['vm_state']}")
+    summary = ", ".join(parts)
+    return f"{summary}: {vm['detail']}" if vm["detail"] else summary
+
+
+def _share_detail(share: ShareDoc, now: float) -> str:
+    text = share["detail"]
+    if share["fix"]:
+        text = f"{text}; fix: {share['fix']}" if text else f"fix: {share['fix']}"
+    retry = []
+    if share["attempt"]:
+        retry.append(f"attempt {share['attempt']}")
+    if share["next_try_at"] is not None:
+        retry.append(f"next try in {_span(share['next_try_at'] - now)}")
+    if retry:
+        text = f"{text} ({', '.join(retry)})" if text else ", ".join(retry)
+    return text
+
+
+def _span(seconds: float) -> str:
+    """Compact duration: 42s, 3m, 5h, 2d, truncated. Negative (a clock step) shows as 0s."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def show(
+    path: str, *, json_output: bool = False, is_alive: Callable[[int], bool] = pid_alive
+) -> int:
+    """Everything `status` does: read, check the writer is alive, print, return the exit code."""
+    try:
+        document = read(path)
+    except StatusFileMissing:
+        print(
+            "virtiofs-reattach is not running, or cannot write its state"
+            f" (no state file at {path})",
+            file=sys.stderr,
+        )
+        return 1
+    except StatusFileError as err:
+        print(err, file=sys.stderr)
+        return 1
+    verdict = not_running(document, is_alive)
+    if verdict is not None:
+        print(verdict, file=sys.stderr)
+        return 1
+    sys.stdout.write(as_json(document) if json_output else human(document, now=time.time()))
+    return exit_code(document)
