@@ -1,9 +1,9 @@
-"""The `virtiofs-reattach` command: run, check, once, demo.
+"""The `virtiofs-reattach` command: run, check, once, status, demo.
 
 Exit codes are part of the interface (monitoring and config management use
-them): `check` 0 valid / 1 invalid / 2 usage; `once` 0 when every share of
-every running VM is attached, else 1; `run` 0 on SIGTERM/SIGINT, 1 when it
-cannot start.
+them): `check` 0 valid / 1 invalid / 2 usage; `once` and `status` 0 when
+every share of every running VM is attached, else 1; `run` 0 on
+SIGTERM/SIGINT, 1 when it cannot start.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Sequence
 
+from . import statusfile, statusview
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .daemon import Daemon, is_socket
+from .daemon import is_socket
 from .logs import kv, setup_logging
 from .reconciler import VmSettings, VmWorker
+from .service import Service
 from .state import ShareState, SocketState, VmStatus
 
 log = logging.getLogger("watcher")
 
 CONFIG_ENV = "VIRTIOFS_REATTACH_CONFIG"
+STATE_ENV = "VIRTIOFS_REATTACH_STATE"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo()
+    if args.command == "status":
+        return statusview.show(_state_path(args), json_output=args.json)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
     if args.command == "check":
         return _check(path)
@@ -42,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "once":
         return asyncio.run(_once(config))
-    return asyncio.run(_run(config, path))
+    return asyncio.run(Service(config, path, _state_path(args)).run())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name != "check":
             cmd.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+        if name == "run":
+            _state_option(cmd)
+    status = sub.add_parser(
+        "status",
+        help="show what the running daemon knows (0 when all shares of running VMs are attached)",
+        description="Read the daemon's state file and show every VM and share.",
+    )
+    status.add_argument("--json", action="store_true", help="print the state document as JSON")
+    _state_option(status)
     sub.add_parser(
         "demo",
         help="show the daemon at work on two simulated VMs (no CH host needed)",
@@ -73,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         "run the real daemon against them, restart one VM, and report what happened.",
     )
     return parser
+
+
+def _state_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help=f"the daemon's state file (default: ${STATE_ENV} or {statusfile.DEFAULT_PATH})",
+    )
+
+
+def _state_path(args: argparse.Namespace) -> str:
+    return str(args.state_file or os.environ.get(STATE_ENV) or statusfile.DEFAULT_PATH)
 
 
 def _check(path: str) -> int:
@@ -94,27 +119,6 @@ def _load_or_report(path: str) -> Config | None:
         for problem in exc.problems:
             log.error(kv("config invalid", problem=problem))
         return None
-
-
-async def _run(config: Config, path: str) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    daemon = Daemon(config)
-    log.info(
-        kv(
-            "starting",
-            config=path,
-            vms=len(config.vms),
-            api_socket=config.watch.api_socket.template,
-        )
-    )
-    daemon.start()
-    await stop.wait()
-    log.info(kv("stopping", reason="signal"))
-    await daemon.stop()
-    return 0
 
 
 async def _once(config: Config) -> int:

@@ -23,7 +23,7 @@ import stat
 from collections import defaultdict
 from collections.abc import Callable
 
-from .config import Config
+from .config import DROP_IN_DIR, Config
 from .inotify import FsEvent, FsEventKind, InotifyWatcher
 from .logs import FailureThrottle, kv
 from .reconciler import VmSettings, VmWorker
@@ -44,9 +44,20 @@ def is_socket(path: str) -> bool:
 class Daemon:
     """Owns the inotify watcher and the per-VM worker tasks for one config."""
 
-    def __init__(self, config: Config, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        on_config_edit: Callable[[], None] = lambda: None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config = config
         self._on_change = on_change
+        self._config_path = os.path.normpath(os.path.abspath(config_path)) if config_path else None
+        self._on_config_edit = on_config_edit
+        self._roots: dict[str, int] = {}
+        self._arming = False
         self._limiter = asyncio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
         self._throttle = FailureThrottle()
         self._workers: dict[str, tuple[VmWorker, asyncio.Task[None]]] = {}
@@ -59,10 +70,25 @@ class Daemon:
     def start(self) -> None:
         """Arm the watches (each scans what already exists), then look at every VM."""
         self._watcher.start(asyncio.get_running_loop())
-        pattern = self.config.watch.api_socket
-        self._watcher.watch(pattern.watch_root, pattern.depth)
-        for directory in sorted({os.path.dirname(path) for path in self._backend_users}):
-            self._watcher.watch(directory, 0)
+        self._arm_watches()
+        self.rescan()
+
+    def apply_config(self, new: Config) -> None:
+        """Switch to a new, valid config without a restart.
+
+        VMs whose shares and settings did not change keep their task, and with
+        it their retry and backoff state; the others are cancelled and started
+        afresh from CH's current state, which is what applies the edit: new
+        shares are attached, changed ones replaced, removed ones pruned or
+        reported (plan.py).
+        """
+        old = self.config
+        self.config = new
+        for name in list(self._workers):
+            if self._vm_settings_changed(old, new, name):
+                self._cancel(name)
+        self._index_backends()
+        self._arm_watches()
         self.rescan()
 
     async def stop(self) -> None:
@@ -95,6 +121,11 @@ class Daemon:
         if event.kind is FsEventKind.RESCAN:
             log.info(kv("rescanning", reason="inotify may have lost events"))
             self.rescan()
+            self._on_config_edit()
+            return
+        if self._is_config_file(event.path):
+            if not self._arming:  # a scan of the config folder is not an edit
+                self._on_config_edit()
             return
         vm = self.config.watch.api_socket.vm_for(event.path)
         if vm is not None and vm in self.config.vms:
@@ -154,6 +185,45 @@ class Daemon:
                 del self._workers[name]
 
     # ---- helpers ----------------------------------------------------------
+
+    def _arm_watches(self) -> None:
+        """Watch what the config points at: the API socket tree, every backend
+        socket folder and the config folder with mounts.d (one level down)."""
+        wanted: dict[str, int] = {}
+        pattern = self.config.watch.api_socket
+        wanted[pattern.watch_root] = pattern.depth
+        for path in self._backend_users:
+            directory = os.path.dirname(path)
+            wanted[directory] = max(wanted.get(directory, 0), 0)
+        if self._config_path is not None:
+            directory = os.path.dirname(self._config_path)
+            wanted[directory] = max(wanted.get(directory, 0), 1)
+        for directory, depth in self._roots.items():
+            if wanted.get(directory) != depth:
+                self._watcher.unwatch(directory)
+        self._arming = True
+        try:
+            for directory, depth in wanted.items():
+                if self._roots.get(directory) != depth:
+                    self._watcher.watch(directory, depth)
+        finally:
+            self._arming = False
+        self._roots = wanted
+
+    def _is_config_file(self, path: str) -> bool:
+        if self._config_path is None:
+            return False
+        if path == self._config_path:
+            return True
+        drop_ins = os.path.join(os.path.dirname(self._config_path), DROP_IN_DIR)
+        return os.path.dirname(path) == drop_ins and path.endswith(".toml")
+
+    def _vm_settings_changed(self, old: Config, new: Config, name: str) -> bool:
+        return (
+            old.vms.get(name) != new.vms.get(name)
+            or old.watch != new.watch
+            or old.retry != new.retry
+        )
 
     def _index_backends(self) -> None:
         self._backend_users.clear()

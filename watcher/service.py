@@ -1,0 +1,182 @@
+"""The daemon as a systemd service: signals, live config reloads, sd_notify, the status file.
+
+Reloads come from three places and take one path: SIGHUP (`systemctl
+reload`), and inotify seeing the main file or a drop-in change. Editors,
+`sed -i`, `cp` and config management's atomic renames produce bursts of
+events, so edits are debounced (RELOAD_DEBOUNCE) and then the files are read
+afresh. A reload that fails validation changes nothing: the last good config
+stays in force, every problem is logged at error priority and the status file
+says so; a deleted config file counts as invalid, not as "no VMs".
+
+systemd is told what it needs (python-stack.md §6): READY=1 once the watches
+are armed and every VM has been looked at, RELOADING=1 (with MONOTONIC_USEC)
+and READY=1 around reloads, a one-line STATUS= after every change,
+STOPPING=1, and WATCHDOG=1 from the event loop itself so a stuck loop is
+caught.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from . import sdnotify, statusfile
+from .config import Config, ConfigError, load_config
+from .daemon import Daemon
+from .logs import kv
+from .state import ShareState, SocketState, VmStatus
+
+log = logging.getLogger("watcher.service")
+
+RELOAD_DEBOUNCE = 0.2
+"""Seconds of quiet after the last config-file event before reading the files."""
+
+PUBLISH_INTERVAL = 0.1
+"""At most ten status-file writes a second, however many VMs change at once."""
+
+
+def status_line(statuses: list[VmStatus], config_valid: bool) -> str:
+    """The STATUS= line: e.g. "12 VMs, 30/30 shares attached, 0 failing"."""
+    running = [vm for vm in statuses if vm.socket is SocketState.LIVE]
+    shares = [share for vm in running for share in vm.shares.values()]
+    attached = sum(share.state is ShareState.ATTACHED for share in shares)
+    failing = sum(share.state is ShareState.FAILED for share in shares)
+    line = (
+        f"{len(running)} of {len(statuses)} VMs running, "
+        f"{attached}/{len(shares)} shares attached, {failing} failing"
+    )
+    if not config_valid:
+        line += "; config invalid, running previous"
+    return line
+
+
+class Service:
+    """One run of `virtiofs-reattach run`."""
+
+    def __init__(self, config: Config, config_path: str, state_path: str) -> None:
+        self.config_path = config_path
+        self.state_path = state_path
+        self.config_valid = True
+        self.problems: tuple[str, ...] = ()
+        self.daemon = Daemon(
+            config,
+            config_path=config_path,
+            on_config_edit=self._config_edited,
+            on_change=self._changed,
+        )
+        self._stop = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._reload_timer: asyncio.TimerHandle | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        config = self.daemon.config
+        log.info(
+            kv(
+                "starting",
+                config=self.config_path,
+                vms=len(config.vms),
+                api_socket=config.watch.api_socket.template,
+            )
+        )
+        self.daemon.start()
+        background = [asyncio.create_task(self._publisher(), name="publisher")]
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            background.append(asyncio.create_task(sdnotify.watchdog_loop(interval)))
+        sdnotify.ready(self._status_line())
+        log.info(kv("ready", status=self._status_line()))
+        await self._stop.wait()
+        log.info(kv("stopping", reason="signal"))
+        sdnotify.stopping()
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+        await self.daemon.stop()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self._publish_now()
+        return 0
+
+    # ---- reloads ---------------------------------------------------------
+
+    def _sighup(self) -> None:
+        log.info(kv("reload requested", reason="SIGHUP"))
+        self._start_reload()
+
+    def _config_edited(self) -> None:
+        """Debounce: every event pushes the reload back until the edits settle."""
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._reload_timer = loop.call_later(RELOAD_DEBOUNCE, self._start_reload)
+
+    def _start_reload(self) -> None:
+        self._reload_timer = None
+        if self._reload_task is not None and not self._reload_task.done():
+            self._config_edited()  # one at a time; this edit is read after it
+            return
+        self._reload_task = asyncio.create_task(self._reload(), name="reload")
+
+    async def _reload(self) -> None:
+        sdnotify.reloading()
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            self.config_valid, self.problems = False, exc.problems
+            for problem in exc.problems:
+                log.error(kv("config invalid", problem=problem))
+            log.error(
+                kv(
+                    "reload failed",
+                    action="keeping the last good config",
+                    problems=len(exc.problems),
+                )
+            )
+        else:
+            was_valid = self.config_valid
+            self.config_valid, self.problems = True, ()
+            if new == self.daemon.config:
+                log.info(kv("config unchanged" if was_valid else "config valid again"))
+            else:
+                self.daemon.apply_config(new)
+                log.info(kv("config reloaded", vms=len(new.vms), files=len(new.files)))
+        self._changed()
+        sdnotify.ready(self._status_line())
+
+    # ---- publishing ------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._dirty.set()
+
+    async def _publisher(self) -> None:
+        """Write the status file and STATUS= after changes, coalescing bursts."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            document = self._document()
+            await asyncio.to_thread(statusfile.write, self.state_path, document)
+            sdnotify.status(self._status_line())
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+    def _publish_now(self) -> None:
+        statusfile.write(self.state_path, self._document())
+
+    def _document(self) -> statusfile.Document:
+        return statusfile.render(
+            self.daemon.statuses(),
+            config_path=self.config_path,
+            config_files=list(self.daemon.config.files),
+            config_valid=self.config_valid,
+            problems=list(self.problems),
+        )
+
+    def _status_line(self) -> str:
+        return status_line(self.daemon.statuses(), self.config_valid)
