@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -16,6 +17,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+from watcher.testing.processes import BackendProcess, DoubleProcess
 
 DEADLINE = 30.0
 
@@ -121,3 +125,102 @@ class DaemonProcess:
         if self._reader is not None:
             await self._reader
         return rc
+
+
+class Host:
+    """A simulated CH host in a temp folder: API sockets in ch/, backends in vfs/.
+
+    Everything started through it is stopped by cleanup(), so no test leaves
+    a process behind.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ch_dir = root / "ch"
+        self.vfs_dir = root / "vfs"
+        self.share_dir = root / "share"
+        for directory in (self.ch_dir, self.vfs_dir, self.share_dir):
+            directory.mkdir()
+        self.config = root / "mounts.toml"
+        self.state = root / "state.json"
+        self.api_pattern = str(self.ch_dir / "{vm}.sock")
+        self.doubles: list[DoubleProcess] = []
+        self.backends: list[BackendProcess] = []
+        self.daemons: list[DaemonProcess] = []
+
+    def api_socket(self, vm: str) -> str:
+        return self.api_pattern.replace("{vm}", vm)
+
+    def backend_socket(self, vm: str, tag: str) -> str:
+        return str(self.vfs_dir / f"{vm}-{tag}.sock")
+
+    def write_config(
+        self,
+        vms: dict[str, list[str]],
+        *,
+        api_socket: str | None = None,
+        extra: str = "",
+        share_options: str = "",
+    ) -> None:
+        """Write mounts.toml atomically (like config management would)."""
+        lines = [
+            "[watch]",
+            f'api_socket = "{api_socket or self.api_pattern}"',
+            extra,
+            "[retry]",
+            "initial_delay = 0.05",
+            "max_delay = 0.5",
+        ]
+        for vm, tags in vms.items():
+            lines.append(f"[vm.{vm}]")
+            shares = ", ".join(
+                f'{{ tag = "{tag}", socket = "{self.backend_socket(vm, tag)}"{share_options} }}'
+                for tag in tags
+            )
+            lines.append(f"fs = [{shares}]")
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.rename(self.config)
+
+    async def start_double(
+        self, vm: str, *options: str, api_socket: str | None = None
+    ) -> DoubleProcess:
+        path = api_socket or self.api_socket(vm)
+        control = str(self.root / f"{vm}.ctl")
+        double = await DoubleProcess.start(path, control, "--connect-timeout", "5", *options)
+        self.doubles.append(double)
+        return double
+
+    async def start_backend(self, vm: str, tag: str) -> BackendProcess:
+        backend = await BackendProcess.fake(self.backend_socket(vm, tag), str(self.share_dir))
+        self.backends.append(backend)
+        return backend
+
+    async def start_daemon(self, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = await DaemonProcess(
+            self.config, {"VIRTIOFS_REATTACH_STATE": str(self.state), **(env or {})}
+        ).start()
+        self.daemons.append(daemon)
+        return daemon
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's state file, or {} while it has not been written."""
+        try:
+            document: dict[str, Any] = json.loads(self.state.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return document
+
+    def share_state(self, vm: str, tag: str) -> str | None:
+        for vm_doc in self.status().get("vms", []):
+            if vm_doc["name"] == vm:
+                for share in vm_doc["shares"]:
+                    if share["tag"] == tag:
+                        return str(share["state"])
+        return None
+
+    async def cleanup(self) -> None:
+        for daemon in self.daemons:
+            await daemon.stop(signal.SIGKILL)
+        for child in [*self.doubles, *self.backends]:
+            await child.kill()

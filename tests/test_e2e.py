@@ -1,0 +1,248 @@
+"""End to end: `virtiofs-reattach run` as a subprocess against CH doubles and backends.
+
+Each test drives a real daemon process with real inotify, real unix sockets,
+CH doubles started as processes (so SIGKILL leaves a stale socket exactly as
+a crashed CH does) and stand-in virtiofsd processes doing a real vhost-user
+handshake. Assertions read the double's own request log, the daemon's log
+lines and its state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+
+from tests.support import Host, eventually
+from watcher import unixhttp
+from watcher.testing.processes import BackendProcess, DoubleProcess
+
+ADD_FS = "/api/v1/vm.add-fs"
+
+
+async def add_fs_ids(double: DoubleProcess) -> list[str]:
+    return [r["body"]["id"] for r in await double.requests(ADD_FS)]
+
+
+async def attached_ids(double: DoubleProcess) -> set[str]:
+    info: dict[str, Any] = await double.call("info")
+    return {fs["id"] for fs in (info["config"].get("fs") or [])}
+
+
+async def wait_attached(double: DoubleProcess, *ids: str) -> None:
+    async def done() -> bool:
+        return set(ids) <= await attached_ids(double)
+
+    await eventually(done, f"{ids} attached")
+
+
+@pytest.mark.parametrize("profile", ["v47", "v52", "v53", "head"])
+async def test_attach_at_start_once_per_share(host: Host, profile: str) -> None:
+    host.write_config({"web01": ["data", "logs"]})
+    double = await host.start_double("web01", "--profile", profile)
+    await host.start_backend("web01", "data")
+    await host.start_backend("web01", "logs")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"attached vm=web01 tag=data id=cocoon-fs-data")
+    await daemon.wait_for(r"attached vm=web01 tag=logs id=cocoon-fs-logs")
+    await wait_attached(double, "cocoon-fs-data", "cocoon-fs-logs")
+    assert sorted(await add_fs_ids(double)) == ["cocoon-fs-data", "cocoon-fs-logs"]
+    assert sorted(await double.call("backends")) == ["cocoon-fs-data", "cocoon-fs-logs"]
+    await eventually(lambda: host.share_state("web01", "logs") == "attached", "state file")
+    assert await daemon.stop() == 0
+
+
+async def test_reattach_after_ch_is_killed_and_restarted(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    first = await host.start_double("web01")
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    await wait_attached(first, "cocoon-fs-data")
+    await first.kill()  # like a crash: the socket file stays behind
+    assert os.path.exists(host.api_socket("web01"))
+    await host.start_backend("web01", "data")  # the old virtiofsd exited with its frontend
+    second = await host.start_double("web01")
+    await wait_attached(second, "cocoon-fs-data")
+    assert await add_fs_ids(second) == ["cocoon-fs-data"]
+    await daemon.wait_for(r"attached vm=web01 tag=data", count=2)
+
+
+async def test_stale_socket_waits_quietly_for_the_next_ch(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(host.api_socket("web01"))  # bound, never listening: what a dead CH leaves
+    stale.close()
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"api socket is stale vm=web01")
+    await eventually(
+        lambda: any(vm.get("socket") == "stale" for vm in host.status().get("vms", [])),
+        "state file says stale",
+    )
+    double = await host.start_double("web01")  # head profile replaces the stale file
+    await wait_attached(double, "cocoon-fs-data")
+    assert len(daemon.matching(r"api socket is stale vm=web01")) == 1
+
+
+async def test_backend_appearing_late_is_attached_without_early_add_fs(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"waiting for backend vm=web01 tag=data")
+    assert await add_fs_ids(double) == []  # never add-fs on a missing backend: CH would stall 60 s
+    await host.start_backend("web01", "data")
+    await wait_attached(double, "cocoon-fs-data")
+    assert await add_fs_ids(double) == ["cocoon-fs-data"]
+
+
+async def test_daemon_restart_adds_nothing_twice(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01")
+    await host.start_backend("web01", "data")
+    first = await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-data")
+    assert await first.stop() == 0
+    second = await host.start_daemon()
+    await second.wait_for(r"already attached vm=web01 tag=data")
+    assert await add_fs_ids(double) == ["cocoon-fs-data"]
+
+
+async def test_shared_memory_off_is_one_clear_error_and_no_retry(host: Host) -> None:
+    host.write_config({"web01": ["data"], "web02": ["data"]})
+    bad = await host.start_double("web01", "--no-memory-shared")
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    line = await daemon.wait_for(r"attach failed vm=web01 tag=data")
+    assert "shared memory" in line
+    assert "fix=" in line
+    await eventually(lambda: host.share_state("web01", "data") == "failed", "failed in state")
+    # Let the daemon do more work elsewhere, then check it did not retry web01.
+    good = await host.start_double("web02")
+    await host.start_backend("web02", "data")
+    await wait_attached(good, "cocoon-fs-data")
+    assert await add_fs_ids(bad) == ["cocoon-fs-data"]
+    assert len(daemon.matching(r"attach failed vm=web01")) == 1
+
+
+async def test_hung_api_does_not_delay_a_healthy_vm(host: Host) -> None:
+    host.write_config({"hung": ["data"], "web01": ["data"]})
+    hung = await host.start_double("hung")
+    await hung.call("hang", on=True)
+    await host.start_backend("hung", "data")
+    daemon = await host.start_daemon()
+    healthy = await host.start_double("web01")
+    await host.start_backend("web01", "data")
+    await wait_attached(healthy, "cocoon-fs-data")
+    await daemon.wait_for(r"attached vm=web01")
+    assert daemon.matching(r"attached vm=hung") == []
+    await hung.call("hang", on=False)
+    await wait_attached(hung, "cocoon-fs-data")
+
+
+async def test_one_folder_per_vm_layout(host: Host) -> None:
+    pattern = str(host.root / "cocoon" / "{vm}" / "api.sock")
+    host.write_config({"web01": ["data"]}, api_socket=pattern)
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"ready ")
+    vm_dir = host.root / "cocoon" / "web01"
+    vm_dir.mkdir(parents=True)  # folder and socket appear together, like Cocoon starting a VM
+    double = await host.start_double("web01", api_socket=str(vm_dir / "api.sock"))
+    await wait_attached(double, "cocoon-fs-data")
+    lock = vm_dir / "api.sock.lock"  # CH's lock file is not an API socket
+    assert lock.exists()
+
+
+async def test_socket_that_is_not_ch_gets_one_clear_error(host: Host) -> None:
+    host.write_config({"fc": ["data"]})
+
+    async def firecracker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_unix_server(firecracker, host.api_socket("fc"))
+    try:
+        daemon = await host.start_daemon()
+        line = await daemon.wait_for(r"backend does not support fs attach vm=fc")
+        assert "404" in line
+    finally:
+        server.close()
+
+
+async def test_sigterm_during_backoff_exits_0(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_double("web01", "--vm", "none")  # "VM is not created": retried
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"attach retrying vm=web01 tag=data")
+    assert await daemon.stop(signal.SIGTERM, timeout=10) == 0
+
+
+async def test_sigterm_during_a_hung_api_call_exits_0(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01")
+    await double.call("hang", on=True)
+    daemon = await host.start_daemon()
+
+    async def ping_pending() -> bool:
+        return bool(await double.requests("/api/v1/vmm.ping"))
+
+    await eventually(ping_pending, "the daemon's ping reached the hung double")
+    assert await daemon.stop(signal.SIGTERM, timeout=10) == 0
+
+
+async def test_vm_created_later_is_attached_once_booted(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01", "--vm", "none")
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"attach retrying vm=web01")
+    body = b'{"cpus":{"boot_vcpus":1,"max_vcpus":1},"memory":{"size":1073741824,"shared":true}}'
+    api = host.api_socket("web01")
+    created = await unixhttp.request(api, "PUT", "/api/v1/vm.create", body, timeout=10)
+    assert created.status == 204
+    await wait_attached(double, "cocoon-fs-data")  # cold add: written to the config
+    booted = await unixhttp.request(api, "PUT", "/api/v1/vm.boot", timeout=30)
+    assert booted.status == 204
+    await eventually(
+        lambda: _contains(double.call("backends"), "cocoon-fs-data"), "backend connected at boot"
+    )
+
+
+async def test_real_virtiofsd_backend(host: Host) -> None:
+    virtiofsd = "/usr/lib/qemu/virtiofsd"
+    if not os.access(virtiofsd, os.X_OK):
+        pytest.skip("needs Debian's qemu-system-common (tests/run installs it)")
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01")
+    backend = await BackendProcess.start(
+        [
+            virtiofsd,
+            f"--socket-path={host.backend_socket('web01', 'data')}",
+            "-o",
+            f"source={host.share_dir}",
+            "-o",
+            "cache=none",
+        ]
+    )
+    host.backends.append(backend)
+    try:
+        daemon = await host.start_daemon()
+        await daemon.wait_for(r"attached vm=web01 tag=data")
+        assert await double.call("backends") == ["cocoon-fs-data"]
+    finally:
+        await backend.kill()
+        lock = "/run/virtiofsd/" + host.backend_socket("web01", "data").replace("/", ".") + ".pid"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+
+
+async def _contains(values: Awaitable[list[str]], wanted: str) -> bool:
+    return wanted in await values

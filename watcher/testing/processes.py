@@ -1,0 +1,149 @@
+"""The CH double and the stand-in virtiofsd as child processes, for tests and `demo`.
+
+Both are real processes on purpose: killing one with SIGKILL is the only
+honest way to leave a stale socket behind the way a crashed CH does (§6), and
+a virtiofsd that exits when its frontend disconnects must be a process that
+can exit. Readiness is never probed by connecting to a backend socket (it
+would become virtiofsd's one connection): the double prints `ready pid=N`,
+the backend logs "Waiting for vhost-user socket connection" after listen().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .chdouble_control import DoubleControl, read_ready_line
+
+START_TIMEOUT = 30.0
+
+
+class ChildProcess:
+    """A child started with asyncio; stop() is idempotent and always reaps it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send `sig`, wait for the exit (SIGKILL after `timeout`), return the exit code."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+        return await self.proc.wait()
+
+    async def kill(self) -> int:
+        return await self.stop(signal.SIGKILL)
+
+
+class DoubleProcess(ChildProcess):
+    """`python -m watcher.testing.chdouble` with a control socket."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, control: DoubleControl, ch_pid: int):
+        super().__init__(proc)
+        self.control = control
+        self.ch_pid = ch_pid
+
+    @classmethod
+    async def start(cls, api_socket: str, control_socket: str, *options: str) -> DoubleProcess:
+        """Start a double and return once its API socket listens."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "watcher.testing.chdouble",
+            "--api-socket",
+            api_socket,
+            "--control-socket",
+            control_socket,
+            *options,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        try:
+            ch_pid = await asyncio.wait_for(read_ready_line(proc.stdout), START_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        return cls(proc, DoubleControl(control_socket), ch_pid)
+
+    async def call(self, cmd: str, **args: Any) -> Any:
+        return await self.control.call({"cmd": cmd, **args})
+
+    async def requests(self, path: str | None = None) -> list[dict[str, Any]]:
+        """Every API request the double received, optionally only those to `path`."""
+        records: list[dict[str, Any]] = await self.call("requests")
+        return [r for r in records if path is None or r["path"] == path]
+
+
+class BackendProcess(ChildProcess):
+    """`python -m watcher.testing.fake_virtiofsd`, or any virtiofsd command line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        super().__init__(proc)
+        assert proc.stderr is not None
+        self._drain = asyncio.create_task(_drain(proc.stderr))
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        rc = await super().stop(sig, timeout)
+        await self._drain
+        return rc
+
+    @classmethod
+    async def start(cls, argv: Sequence[str]) -> BackendProcess:
+        """Start a backend; return once it logged that it listens."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                async for line in proc.stderr:
+                    if b"Waiting for vhost-user socket connection" in line:
+                        break
+                else:
+                    raise RuntimeError(f"backend {argv[0]} exited before listening")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        return cls(proc)
+
+    @classmethod
+    async def fake(cls, socket_path: str, shared_dir: str) -> BackendProcess:
+        return await cls.start(
+            [
+                sys.executable,
+                "-m",
+                "watcher.testing.fake_virtiofsd",
+                f"--socket-path={socket_path}",
+                f"--shared-dir={shared_dir}",
+            ]
+        )
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    """Keep reading a child's stderr so a full pipe never blocks it."""
+    while await stream.read(65536):
+        pass
