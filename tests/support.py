@@ -8,18 +8,14 @@ never asserts on speed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import re
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from watcher.testing.processes import BackendProcess, DoubleProcess
+from watcher.testing.processes import BackendProcess, DaemonProcess, DoubleProcess
 
 DEADLINE = 30.0
 
@@ -41,90 +37,6 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for: {what}")
         await asyncio.sleep(interval)
-
-
-class DaemonProcess:
-    """`virtiofs-reattach run -c CONFIG` as a child process, its stderr collected line by line."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.env = {**os.environ, **(env or {})}
-        self.lines: list[str] = []
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
-
-    async def start(self, *extra: str) -> DaemonProcess:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "watcher",
-            "run",
-            "-c",
-            str(self.config),
-            *extra,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-        )
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    @property
-    def proc(self) -> asyncio.subprocess.Process:
-        assert self._proc is not None, "start() first"
-        return self._proc
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            async with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        async with self._changed:
-            self._changed.notify_all()
-
-    def matching(self, pattern: str) -> list[str]:
-        regex = re.compile(pattern)
-        return [line for line in self.lines if regex.search(line)]
-
-    async def wait_for(self, pattern: str, count: int = 1, timeout: float = DEADLINE) -> str:
-        """Wait until `count` log lines match `pattern`; return the last of them."""
-        regex = re.compile(pattern)
-
-        def enough() -> bool:
-            return sum(1 for line in self.lines if regex.search(line)) >= count
-
-        async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: enough() or self._reader_done()), timeout
-                )
-        if not enough():
-            tail = "\n".join(self.lines[-30:])
-            raise AssertionError(
-                f"no {count} log line(s) matching {pattern!r} within {timeout:g}s;"
-                f" log tail:\n{tail}"
-            )
-        return [line for line in self.lines if regex.search(line)][count - 1]
-
-    def _reader_done(self) -> bool:
-        return self._reader is not None and self._reader.done()
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = await asyncio.wait_for(self.proc.wait(), timeout)
-        finally:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._reader is not None:
-            await self._reader
-        return rc
 
 
 class Host:

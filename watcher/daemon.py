@@ -134,7 +134,7 @@ class Daemon:
             for user in self._backend_users.get(event.path, ()):
                 running = self._workers.get(user)
                 if running is not None:
-                    log.info(kv("backend socket appeared", vm=user, socket=event.path))
+                    log.debug(kv("backend socket appeared", vm=user, socket=event.path))
                     running[0].poke()
 
     def _sync_vm(self, name: str) -> None:

@@ -53,7 +53,7 @@ from .unixhttp import HttpProtocolError
 
 log = logging.getLogger("watcher.reconciler")
 
-STALE_PROBES = (0.02, 0.05, 0.1, 0.2)
+STALE_PROBES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 """Waits between connect attempts before a refused socket counts as stale.
 
 CH binds and listens back to back (microseconds apart) and a CH double or a

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .chdouble_control import DoubleControl, read_ready_line
 
 START_TIMEOUT = 30.0
+DEADLINE = 30.0
 
 
 class ChildProcess:
@@ -147,3 +151,96 @@ async def _drain(stream: asyncio.StreamReader) -> None:
     """Keep reading a child's stderr so a full pipe never blocks it."""
     while await stream.read(65536):
         pass
+
+
+class DaemonProcess:
+    """`virtiofs-reattach run -c CONFIG` as a child process, its stderr collected line by line.
+
+    `on_line` sees each line as it arrives (the demo prints them)."""
+
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str] | None = None,
+        on_line: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self._on_line = on_line
+        self.lines: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    async def start(self, *extra: str) -> DaemonProcess:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "watcher",
+            "run",
+            "-c",
+            str(self.config),
+            *extra,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        assert self._proc is not None, "start() first"
+        return self._proc
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._on_line(line)
+            async with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def matching(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        return [line for line in self.lines if regex.search(line)]
+
+    async def wait_for(self, pattern: str, count: int = 1, timeout: float = DEADLINE) -> str:
+        """Wait until `count` log lines match `pattern`; return the last of them."""
+        regex = re.compile(pattern)
+
+        def enough() -> bool:
+            return sum(1 for line in self.lines if regex.search(line)) >= count
+
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: enough() or self._reader_done()), timeout
+                )
+        if not enough():
+            tail = "\n".join(self.lines[-30:])
+            raise AssertionError(
+                f"no {count} log line(s) matching {pattern!r} within {timeout:g}s;"
+                f" log tail:\n{tail}"
+            )
+        return [line for line in self.lines if regex.search(line)][count - 1]
+
+    def _reader_done(self) -> bool:
+        return self._reader is not None and self._reader.done()
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return rc
