@@ -104,7 +104,10 @@ class Host:
         return double
 
     async def start_backend(self, vm: str, tag: str) -> BackendProcess:
-        backend = await BackendProcess.fake(self.backend_socket(vm, tag), str(self.share_dir))
+        return await self.start_backend_at(self.backend_socket(vm, tag))
+
+    async def start_backend_at(self, socket_path: str) -> BackendProcess:
+        backend = await BackendProcess.fake(socket_path, str(self.share_dir))
         self.backends.append(backend)
         return backend
 
