@@ -315,13 +315,27 @@ class CloudHypervisorDouble:
         return self.exit_code
 
     async def _bind(self) -> socket.socket:
-        path = self.api_socket
+        # CH runs under umask 077 (main.rs): the socket is 0700, the `.lock` 0600 (§1).
+        old_umask = os.umask(0o077)
+        try:
+            listener = self._bind_path(self.api_socket)
+        finally:
+            os.umask(old_umask)
+        if self._bind_listen_gap:
+            # Simulated: CH's bind() and listen() are back to back, a connect in between gets
+            # ECONNREFUSED (§6). This widens that window for clients that must cope with it.
+            await asyncio.sleep(self._bind_listen_gap)
+        listener.listen(128)
+        listener.setblocking(False)
+        return listener
+
+    def _bind_path(self, path: str) -> socket.socket:
         if self.profile.api_socket_lock:
             self._lock_fd = self._take_lock(path)
+            # We hold the lock, so whatever sits at the path is stale (http/mod.rs).
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o077)
         try:
             listener.bind(path)
         except OSError as error:
@@ -333,14 +347,6 @@ class CloudHypervisorDouble:
                     io_error(error),
                 ]
             ) from None
-        finally:
-            os.umask(old_umask)
-        if self._bind_listen_gap:
-            # Simulated: CH's bind() and listen() are back to back, a connect in between gets
-            # ECONNREFUSED (§6). This widens that window for clients that must cope with it.
-            await asyncio.sleep(self._bind_listen_gap)
-        listener.listen(128)
-        listener.setblocking(False)
         return listener
 
     @staticmethod
@@ -381,7 +387,9 @@ class CloudHypervisorDouble:
     async def _shutdown(self, code: int, kind: ExitKind) -> None:
         if self._server is not None:
             self._server.close()
-        unlink = kind == "ok" or (kind == "error" and self.profile.unlink_on_error_exit)
+        unlink = self._server is not None and (
+            kind == "ok" or (kind == "error" and self.profile.unlink_on_error_exit)
+        )
         if unlink:
             with contextlib.suppress(OSError):
                 os.unlink(self.api_socket)
@@ -1030,6 +1038,8 @@ async def _run(args: argparse.Namespace) -> int:
     code = await double.wait_exited()
     if control is not None:
         control.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.control_socket)
     return code
 
 

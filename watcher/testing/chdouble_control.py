@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,8 @@ async def serve_control(path: str, double: CloudHypervisorDouble) -> asyncio.Ser
         finally:
             writer.close()
 
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by an earlier double that was killed
     return await asyncio.start_unix_server(handle, path=path)
 
 

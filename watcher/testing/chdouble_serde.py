@@ -180,12 +180,16 @@ def _loads(text: str) -> Any:
 def _serde_syntax_message(exc: json.JSONDecodeError) -> str:
     text, pos = exc.doc, exc.pos
     at_eof = not text[pos:].strip()
-    end = len(text.rstrip())
     container = _open_container(text[:pos])
+    after_comma = text[:pos].rstrip().endswith(",") and text[pos : pos + 1] in ("]", "}")
     if exc.msg.startswith("Unterminated string"):
         message, at_eof = "EOF while parsing a string", True
+    elif at_eof and exc.msg == "Expecting value":
+        message = "EOF while parsing a value"
     elif at_eof:
         message = f"EOF while parsing {container or 'a value'}"
+    elif after_comma:
+        message = "trailing comma"
     elif exc.msg == "Extra data":
         message = "trailing characters"
     elif exc.msg.startswith("Expecting property name"):
@@ -200,7 +204,8 @@ def _serde_syntax_message(exc: json.JSONDecodeError) -> str:
         message = "invalid escape"
     else:
         message = "expected value"
-    offset = end if at_eof else pos + 1
+    # At EOF serde_json has consumed everything, trailing whitespace included.
+    offset = len(text) if at_eof else pos + 1
     raw = text.encode()
     return f"{message} at {JsonDocument._position_of(raw, len(text[:offset].encode()))}"
 
