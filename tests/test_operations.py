@@ -270,3 +270,28 @@ async def test_a_flapping_share_does_not_flood_the_log(host: Host) -> None:
 
     await eventually(many_attempts, "eight attempts")
     assert len(daemon.matching("attach retrying vm=web01 tag=data")) == 1
+
+
+async def test_watchdog_pings_come_from_the_running_loop(host: Host, notify: NotifySocket) -> None:
+    host.write_config({})
+    await host.start_daemon({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"})
+
+    def pings() -> int:
+        return sum(1 for m in notify.drain() if m.get("WATCHDOG") == "1")
+
+    await eventually(lambda: pings() >= 3, "three WATCHDOG=1 pings")
+
+
+async def test_a_changed_api_socket_pattern_rearms_the_watches(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    await daemon.wait_for("ready ")
+    new_root = host.root / "cocoon"
+    new_root.mkdir()
+    pattern = str(new_root / "{vm}" / "api.sock")
+    host.write_config({"web01": ["data"]}, api_socket=pattern)
+    await daemon.wait_for("config reloaded")
+    (new_root / "web01").mkdir()
+    double = await host.start_double("web01", api_socket=str(new_root / "web01" / "api.sock"))
+    await wait_attached(double, "cocoon-fs-data")
