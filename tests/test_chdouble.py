@@ -30,6 +30,7 @@ from watcher.testing.chdouble_http import SERVER_FULL
 from watcher.testing.chdouble_profiles import PROFILE_NAMES, ProfileName
 
 DEADLINE = 10.0  # only bounds a hang; nothing here measures speed
+REAL_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian 12's legacy C virtiofsd
 BACKEND_READY = b"Waiting for vhost-user socket connection"
 NOT_CREATED_STATUS = {"v47": 500, "v52": 500, "v53": 404, "head": 404}
 ADD_FS = ["Error from API", "The fs could not be added to the VM"]
@@ -79,14 +80,20 @@ class Backends:
     def path(self, name: str) -> str:
         return str(self.directory / f"{name}.vfs")
 
-    async def start(self, name: str) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "watcher.testing.fake_virtiofsd",
-            f"--socket-path={self.path(name)}",
-            stderr=asyncio.subprocess.PIPE,
-        )
+    async def start(self, name: str, *, real: bool = False) -> asyncio.subprocess.Process:
+        if real:
+            share = self.directory / f"{name}.share"
+            share.mkdir(exist_ok=True)
+            argv = [
+                str(REAL_VIRTIOFSD),
+                f"--socket-path={self.path(name)}",
+                "-o",
+                f"source={share}",
+            ]
+        else:
+            argv = [sys.executable, "-m", "watcher.testing.fake_virtiofsd"]
+            argv.append(f"--socket-path={self.path(name)}")
+        process = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
         self.processes.append(process)
         assert process.stderr is not None
         async with asyncio.timeout(DEADLINE):
@@ -604,6 +611,30 @@ async def test_cold_add_then_boot_connects(
     assert backend.returncode is None
 
 
+async def test_generated_ids_share_one_counter(
+    make_double: MakeDouble, api_path: str, backends: Backends
+) -> None:
+    double = await make_double(vm="none")
+    await backends.start("one")
+    await backends.start("two")
+    config = {
+        "memory": {"size": 1 << 30, "shared": True},
+        "disks": [{"path": "/img"}],
+        "fs": [{"tag": "one", "socket": backends.path("one")}],
+    }
+    assert await call(api_path, "PUT", "vm.create", config) == (204, None)
+    assert await call(api_path, "PUT", "vm.boot") == (204, None)
+    hot = {"tag": "two", "socket": backends.path("two")}
+    assert await call(api_path, "PUT", "vm.add-fs", hot) == (
+        200,
+        {"id": "_fs2", "bdf": "0000:00:07.0"},
+    )
+    _, info = await call(api_path, "GET", "vm.info")
+    assert info["config"]["disks"][0]["id"] == "_disk0"
+    assert [entry["id"] for entry in info["config"]["fs"]] == ["_fs1", "_fs2"]
+    assert double.connected_backends() == ["_fs1", "_fs2"]
+
+
 async def test_hot_add_then_remove_and_eject_releases_the_backend(
     make_double: MakeDouble, api_path: str, backends: Backends
 ) -> None:
@@ -633,6 +664,22 @@ async def test_hot_add_then_remove_and_eject_releases_the_backend(
         "event": "device-removed",
         "properties": {"id": "myfs0", "bdf": "0000:00:06.0"},
     }
+
+
+@pytest.mark.skipif(not REAL_VIRTIOFSD.exists(), reason="no legacy virtiofsd (qemu-system-common)")
+async def test_real_virtiofsd_is_served_and_released_like_by_ch(
+    make_double: MakeDouble, api_path: str, backends: Backends
+) -> None:
+    double = await make_double(eject="manual")
+    backend = await backends.start("real", real=True)
+    assert await call(api_path, "PUT", "vm.add-fs", fs_body("myfs0", backends.path("real"))) == (
+        200,
+        {"id": "myfs0", "bdf": "0000:00:06.0"},
+    )
+    assert await call(api_path, "PUT", "vm.remove-device", {"id": "myfs0"}) == (204, None)
+    await double.eject("myfs0")
+    async with asyncio.timeout(DEADLINE):
+        assert await backend.wait() == 0
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)

@@ -21,7 +21,7 @@ Use it in-process (`CloudHypervisorDouble`) or as a process:
     python -m watcher.testing.chdouble --api-socket PATH [--profile head|v53|v52|v47]
         [--vm running|created|none] [--no-memory-shared] [--boot-vcpus N]
         [--connect-timeout S] [--retry-interval S] [--eject auto|manual|never]
-        [--control-socket PATH] [--pid-file PATH]
+        [--eject-delay S] [--control-socket PATH] [--pid-file PATH]
 
 The process prints `ready pid=<pid>` on stdout once the API socket listens (and the control
 socket, if asked for, accepts), exits 0 on SIGTERM/SIGINT, and otherwise exits the way CH would.
@@ -66,6 +66,8 @@ from watcher.testing.chdouble_profiles import (
 )
 from watcher.testing.chdouble_serde import DeserializeError, JsonDocument
 from watcher.testing.chdouble_vm import (
+    NAMED_AFTER_FS,
+    NAMED_BEFORE_FS,
     ConfigInvalid,
     FsConfig,
     FsDevice,
@@ -270,7 +272,7 @@ class CloudHypervisorDouble:
         self._lock_fd: int | None = None
         self._open_connections = 0
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._attempts: dict[str, list[int | None]] = {}
 
@@ -845,6 +847,7 @@ class CloudHypervisorDouble:
         vm = RunningVm.new(config)
         if self.profile.failed_boot_drops_fs:
             config.fs = None
+        vm.name_devices(config, NAMED_BEFORE_FS)
         attached: list[FsDevice] = []
         try:
             for entry in entries or []:
@@ -869,6 +872,7 @@ class CloudHypervisorDouble:
                 ) from None
             raise
         config.fs = entries
+        vm.name_devices(config, NAMED_AFTER_FS)
         self._vm = vm
         for device in attached:
             self._watch_backend(vm, device)
@@ -890,13 +894,22 @@ class CloudHypervisorDouble:
         self._touch()
 
     async def _connect(self, socket_path: str) -> VhostUserFrontend:
-        return await connect_backend(
-            socket_path,
-            self.profile,
-            window=self._connect_timeout,
-            interval=self._retry_interval,
-            on_attempt=self._note_attempt,
+        # Its own task, so that an exit cancels it wherever it was awaited from: CH's kill
+        # event aborts a pending vhost-user connect the same way (§7).
+        connect = asyncio.ensure_future(
+            connect_backend(
+                socket_path,
+                self.profile,
+                window=self._connect_timeout,
+                interval=self._retry_interval,
+                on_attempt=self._note_attempt,
+            )
         )
+        self._tasks.add(connect)
+        try:
+            return await connect
+        finally:
+            self._tasks.discard(connect)
 
     def _note_attempt(self, socket_path: str, error: OSError | None) -> None:
         self._attempts.setdefault(socket_path, []).append(None if error is None else error.errno)

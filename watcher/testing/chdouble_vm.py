@@ -188,6 +188,17 @@ _MEMORY_DEFAULTS: dict[str, Any] = {
     "zones": None,
     "thp": True,
 }
+# Devices DeviceManager creates before and after the fs devices at boot, with the prefixes of
+# the ids it generates for entries that have none (device_manager.rs `make_virtio_devices`,
+# then the VFIO devices). They draw from the same counter as `_fs<N>`.
+NAMED_BEFORE_FS = (("disks", "_disk"), ("net", "_net"))
+NAMED_AFTER_FS = (
+    ("pmem", "_pmem"),
+    ("vsock", "_vsock"),
+    ("vdpa", "_vdpa"),
+    ("devices", "_vfio"),
+    ("user_devices", "_vfio_user"),
+)
 # Device lists whose entries carry an `id` that must be unique together with the fs ids.
 _DEVICE_LISTS = ("disks", "net", "pmem", "devices", "user_devices", "vdpa", "rate_limit_groups")
 
@@ -431,6 +442,15 @@ class RunningVm:
             self.device_id_counter += 1
             if name not in self.boot_ids and name not in self.nodes:
                 return name
+
+    def name_devices(self, config: VmConfig, kinds: tuple[tuple[str, str], ...]) -> None:
+        """Give unnamed non-fs devices of the config their generated ids, as a boot does."""
+        for key, prefix in kinds:
+            value = config.sections.get(key)
+            entries = [value] if isinstance(value, dict) else value or []
+            for entry in entries:
+                if isinstance(entry, dict) and entry.get("id") is None:
+                    entry["id"] = self.next_device_name(prefix)
 
     def attach_fs(self, entry: FsConfig, frontend: VhostUserFrontend) -> FsDevice:
         """Place a connected fs device on the PCI bus: a slot, a BDF and its two tree nodes."""
