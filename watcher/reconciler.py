@@ -169,11 +169,16 @@ class VmWorker:
 
     async def _sleep(self, seconds: float) -> None:
         """Back off, but wake at once when poked: a new CH or backend is news."""
+        await self._woken_within(seconds)
+
+    async def _woken_within(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True (and the poke consumed) if poked meanwhile."""
         try:
             await asyncio.wait_for(self._poked.wait(), seconds)
         except TimeoutError:
-            return
+            return False
         self._poked.clear()
+        return True
 
     def _before_sleep(self, state: RetryCallState) -> None:
         upcoming = state.upcoming_sleep
@@ -225,8 +230,13 @@ class VmWorker:
             raise _RetryPass("; ".join(pending))
 
     async def _identify(self) -> None:
-        """vmm.ping: is this CH, which process, and is anyone listening at all."""
-        for delay in (*STALE_PROBES, None):
+        """vmm.ping: is this CH, which process, and is anyone listening at all.
+
+        A poke while probing a refusing socket restarts the probes: the socket
+        may just have been re-created by a new CH (often right after its
+        backends, whose appearance poked us onto the old, dead socket)."""
+        probes = iter(STALE_PROBES)
+        while True:
             try:
                 identity = await self.client.ping()
                 break
@@ -234,10 +244,12 @@ class VmWorker:
                 self._gone()
                 raise _StaleSocket from None
             except ConnectionRefusedError:
+                delay = next(probes, None)
                 if delay is None:
                     self._stale()
                     raise _StaleSocket from None
-                await asyncio.sleep(delay)
+                if await self._woken_within(delay):
+                    probes = iter(STALE_PROBES)
             except NotCloudHypervisor as exc:
                 self._not_ch(str(exc))
                 raise _StaleSocket from exc
