@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable
 from typing import Any
 
@@ -246,3 +247,33 @@ async def test_real_virtiofsd_backend(host: Host) -> None:
 
 async def _contains(values: Awaitable[list[str]], wanted: str) -> bool:
     return wanted in await values
+
+
+async def run_once(host: Host) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "watcher",
+        "once",
+        "-c",
+        str(host.config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return await proc.wait(), out.decode()
+
+
+async def test_once_attaches_and_reports_per_share(host: Host) -> None:
+    host.write_config({"web01": ["data", "logs"], "off": ["data"]})
+    double = await host.start_double("web01")
+    await host.start_backend("web01", "data")
+    rc, out = await run_once(host)
+    assert rc == 1, out
+    assert "data (cocoon-fs-data): attached" in out
+    assert "logs (cocoon-fs-logs): waiting-backend: waiting for backend socket" in out
+    assert "off: not running" in out
+    await host.start_backend("web01", "logs")
+    rc, out = await run_once(host)
+    assert rc == 0, out
+    assert sorted(await add_fs_ids(double)) == ["cocoon-fs-data", "cocoon-fs-logs"]
