@@ -16,9 +16,8 @@ from collections.abc import Sequence
 
 from . import statusfile, statusview
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .daemon import is_socket
 from .logs import kv, setup_logging
-from .reconciler import VmSettings, VmWorker
+from .reconciler import VmSettings, VmWorker, is_socket
 from .service import Service
 from .state import ShareState, SocketState, VmStatus
 

@@ -19,26 +19,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import stat
 from collections import defaultdict
 from collections.abc import Callable
 
 from .config import DROP_IN_DIR, Config
 from .inotify import FsEvent, FsEventKind, InotifyWatcher
 from .logs import FailureThrottle, kv
-from .reconciler import VmSettings, VmWorker
+from .reconciler import VmSettings, VmWorker, is_socket
 from .state import ShareStatus, SocketState, VmStatus
 
 log = logging.getLogger("watcher.daemon")
 
 MAX_REQUESTS_IN_FLIGHT = 32
-
-
-def is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 class Daemon:

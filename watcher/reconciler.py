@@ -80,9 +80,9 @@ class VmSettings:
     retry: RetrySettings
 
 
-def backend_present(path: str) -> bool:
-    """The backend socket file exists and is a socket. Never connect to check:
-    virtiofsd serves exactly one connection (virtiofsd.md §2)."""
+def is_socket(path: str) -> bool:
+    """The file exists and is a socket (lstat). For backends this is the only
+    check there is: connecting would become virtiofsd's one connection (virtiofsd.md §2)."""
     try:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:
@@ -214,7 +214,7 @@ class VmWorker:
                 info,
                 device_id_prefix=self.settings.device_id_prefix,
                 prune=self.settings.prune,
-                present_backends={s.socket for s in self.shares if backend_present(s.socket)},
+                present_backends={s.socket for s in self.shares if is_socket(s.socket)},
             )
             pending = [reason for step in steps if (reason := await self._apply(step))]
         except ApiError as exc:
