@@ -26,7 +26,7 @@ import pytest
 
 from watcher.testing.chdouble import CloudHypervisorDouble, DoubleStartError
 from watcher.testing.chdouble_control import DoubleControl, read_ready_line
-from watcher.testing.chdouble_http import SERVER_FULL
+from watcher.testing.chdouble_http import SERVER_FULL, HttpRequest, RequestParser
 from watcher.testing.chdouble_profiles import PROFILE_NAMES, ProfileName
 
 DEADLINE = 10.0  # only bounds a hang; nothing here measures speed
@@ -330,6 +330,20 @@ async def test_header_line_must_fit_micro_http_buffer(
     assert (
         b'{ "error": "Invalid header. Reason: Invalid content length. Header: ' + quoted in rejected
     )
+
+
+def test_request_framing_does_not_depend_on_how_bytes_arrive() -> None:
+    stream = (
+        b'PUT /api/v1/vm.remove-device HTTP/1.1\r\nContent-Length: 10\r\n\r\n{"id":"x"}'
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n"
+    )
+    expected = [
+        HttpRequest("PUT", "/api/v1/vm.remove-device", b'{"id":"x"}'),
+        HttpRequest("GET", "/api/v1/vmm.ping", None),
+    ]
+    assert RequestParser(51_200).feed(stream) == expected
+    parser = RequestParser(51_200)
+    assert [item for byte in stream for item in parser.feed(bytes([byte]))] == expected
 
 
 async def test_api_socket_is_created_0700(make_double: MakeDouble, api_path: str) -> None:
@@ -664,6 +678,30 @@ async def test_hot_add_then_remove_and_eject_releases_the_backend(
         "event": "device-removed",
         "properties": {"id": "myfs0", "bdf": "0000:00:06.0"},
     }
+
+
+async def test_taken_pci_device_id_fails_after_the_backend_connected(
+    make_double: MakeDouble, api_path: str, backends: Backends
+) -> None:
+    await make_double()
+    await backends.start("one")
+    second = await backends.start("two")
+    first = fs_body("one", backends.path("one"), pci_device_id=9)
+    assert await call(api_path, "PUT", "vm.add-fs", first) == (
+        200,
+        {"id": "one", "bdf": "0000:00:09.0"},
+    )
+    clash = fs_body("two", backends.path("two"), pci_device_id=9)
+    assert await call(api_path, "PUT", "vm.add-fs", clash) == (
+        500,
+        [
+            *ADD_FS,
+            "Error from device manager",
+            "Failed to find an available PCI device ID",
+            "Valid PCI device identifier but already used: 9",
+        ],
+    )
+    assert await second.wait() == 0  # it was connected, then dropped
 
 
 @pytest.mark.skipif(not REAL_VIRTIOFSD.exists(), reason="no legacy virtiofsd (qemu-system-common)")

@@ -71,6 +71,7 @@ from watcher.testing.chdouble_vm import (
     ConfigInvalid,
     FsConfig,
     FsDevice,
+    PciSlotUnavailable,
     RunningVm,
     VmConfig,
     clone_fs,
@@ -788,7 +789,11 @@ class CloudHypervisorDouble:
                     *failure.tail,
                 ],
             ) from None
-        device = vm.attach_fs(fs, frontend)
+        try:
+            device = vm.attach_fs(fs, frontend)
+        except PciSlotUnavailable as unavailable:
+            frontend.close()
+            raise ApiError(ErrorKind.INTERNAL, [_ADD_FS, *_slot_failure(unavailable)]) from None
         # "important to ensure the device would be created in case of a reboot" (vm.rs).
         config.fs = [*(config.fs or []), fs]
         self._watch_backend(vm, device)
@@ -855,11 +860,17 @@ class CloudHypervisorDouble:
                     # Cold-added entries get their ids now, written back to the config.
                     entry.id = vm.next_device_name("_fs")
                 frontend = await self._connect(entry.socket)
-                attached.append(vm.attach_fs(entry, frontend))
+                try:
+                    attached.append(vm.attach_fs(entry, frontend))
+                except PciSlotUnavailable:
+                    frontend.close()
+                    raise
         except BaseException as error:
             for device in attached:
                 _close(device)
             self._touch()
+            if isinstance(error, PciSlotUnavailable):
+                raise ApiError(ErrorKind.INTERNAL, [failure, *_slot_failure(error)]) from None
             if isinstance(error, BackendFailure):
                 raise ApiError(
                     ErrorKind.INTERNAL,
@@ -972,6 +983,14 @@ def _close(device: FsDevice) -> None:
     if device.frontend is not None:
         device.frontend.close()
         device.frontend = None
+
+
+def _slot_failure(unavailable: PciSlotUnavailable) -> list[str]:
+    return [
+        "Error from device manager",
+        "Failed to find an available PCI device ID",
+        str(unavailable),
+    ]
 
 
 def _bad_request() -> _Reply:

@@ -182,8 +182,10 @@ class RequestParser:
         conn = self._h11
         if conn is None:
             return True
-        conn.receive_data(bytes(self._buffer))
-        self._buffer.clear()
+        if self._buffer:
+            # Never with b"": that is how h11 is told the peer hung up.
+            conn.receive_data(bytes(self._buffer))
+            self._buffer.clear()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:

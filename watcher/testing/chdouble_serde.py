@@ -77,7 +77,7 @@ class JsonDocument:
             self._text = raw.decode()
         except UnicodeDecodeError as exc:
             raise DeserializeError(
-                f"invalid unicode code point at {self._position_of(raw, exc.start)}"
+                f"invalid unicode code point at {_line_column(raw, exc.start)}"
             ) from None
         self.root = _loads(self._text)
         self._ends: dict[Path, int] = {}
@@ -137,13 +137,14 @@ class JsonDocument:
         return DeserializeError(f"{message} at {self._position(self._ends[where])}")
 
     def _position(self, end: int) -> str:
-        return self._position_of(self._text.encode(), len(self._text[:end].encode()))
+        return _line_column(self._text.encode(), len(self._text[:end].encode()))
 
-    @staticmethod
-    def _position_of(raw: bytes, offset: int) -> str:
-        line = raw.count(b"\n", 0, offset) + 1
-        column = offset - (raw.rfind(b"\n", 0, offset) + 1)
-        return f"line {line} column {column}"
+
+def _line_column(raw: bytes, offset: int) -> str:
+    """serde_json's position: the line, and the bytes consumed on it, at byte `offset`."""
+    line = raw.count(b"\n", 0, offset) + 1
+    column = offset - (raw.rfind(b"\n", 0, offset) + 1)
+    return f"line {line} column {column}"
 
 
 def _describe(value: Any) -> str:
@@ -207,7 +208,7 @@ def _serde_syntax_message(exc: json.JSONDecodeError) -> str:
     # At EOF serde_json has consumed everything, trailing whitespace included.
     offset = len(text) if at_eof else pos + 1
     raw = text.encode()
-    return f"{message} at {JsonDocument._position_of(raw, len(text[:offset].encode()))}"
+    return f"{message} at {_line_column(raw, len(text[:offset].encode()))}"
 
 
 def _open_container(prefix: str) -> str | None:

@@ -57,6 +57,11 @@ class ConfigInvalid(Exception):
         self.conflict = conflict
 
 
+class PciSlotUnavailable(Exception):
+    """The PCI bus has no slot for the device (pci `PciRootError`, below
+    DeviceManager's "Failed to find an available PCI device ID")."""
+
+
 @dataclass
 class FsConfig:
     """One `config.fs` entry (vm_config.rs `FsConfig`)."""
@@ -453,7 +458,11 @@ class RunningVm:
                     entry["id"] = self.next_device_name(prefix)
 
     def attach_fs(self, entry: FsConfig, frontend: VhostUserFrontend) -> FsDevice:
-        """Place a connected fs device on the PCI bus: a slot, a BDF and its two tree nodes."""
+        """Place a connected fs device on the PCI bus: a slot, a BDF and its two tree nodes.
+
+        CH allocates the slot after the vhost-user connect, so a taken `pci_device_id` fails
+        the add with the backend already connected, and then dropped (PciSlotUnavailable).
+        """
         assert entry.id is not None
         slot = self._free_slot(entry.pci_segment, entry.pci_device_id)
         bdf = self._add_pci_nodes(entry.id, entry.pci_segment, slot)
@@ -489,10 +498,16 @@ class RunningVm:
         return {node_id: node.to_json(profile) for node_id, node in self.nodes.items()}
 
     def _free_slot(self, segment: int, wanted: int | None) -> int:
-        if wanted is not None and (segment, wanted) not in self.used_slots:
+        """`PciBus::allocate_device_id`: the requested slot, or the lowest free one."""
+        if wanted is not None:
+            if (segment, wanted) in self.used_slots:
+                raise PciSlotUnavailable(f"Valid PCI device identifier but already used: {wanted}")
             slot = wanted
         else:
-            slot = next(s for s in range(1, NUM_DEVICE_IDS) if (segment, s) not in self.used_slots)
+            free = [s for s in range(1, NUM_DEVICE_IDS) if (segment, s) not in self.used_slots]
+            if not free:
+                raise PciSlotUnavailable("Could not find an available device slot on the PCI bus")
+            slot = free[0]
         self.used_slots.add((segment, slot))
         return slot
 
