@@ -28,6 +28,7 @@ from watcher.testing.chdouble import CloudHypervisorDouble, DoubleStartError
 from watcher.testing.chdouble_control import DoubleControl, read_ready_line
 from watcher.testing.chdouble_http import SERVER_FULL, HttpRequest, RequestParser
 from watcher.testing.chdouble_profiles import PROFILE_NAMES, ProfileName
+from watcher.testing.chdouble_routes import NOT_SIMULATED
 
 DEADLINE = 10.0  # only bounds a hang; nothing here measures speed
 REAL_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian 12's legacy C virtiofsd
@@ -361,6 +362,12 @@ async def test_method_and_body_rules(make_double: MakeDouble, api_path: str) -> 
     assert await call(api_path, "PUT", "vm.info") == (400, ["Bad Request"])
     assert await call(api_path, "PATCH", "vm.boot") == (400, None)  # VmActionHandler: empty 400
     assert await call(api_path, "PUT", "vm.create") == (400, None)
+    assert await call(api_path, "DELETE", "vm.info") == (400, ["Bad Request"])
+    assert (await call(api_path, "GET", "vmm.ping", raw_body=b"not json"))[0] == 200
+    assert await call(api_path, "PUT", "vm.add-disk", {"path": "/img"}) == (
+        500,
+        ["Error from API", "The disk could not be added to the VM", NOT_SIMULATED],
+    )
     assert await call(api_path, "PUT", "vm.add-fs", raw_body=b'{"socket":"/x.sock"}') == (
         400,
         ["Failed to deserialize JSON", "missing field `tag` at line 1 column 20"],

@@ -55,7 +55,6 @@ from watcher.testing.chdouble_http import (
     HttpRequest,
     ParseFailure,
     RequestParser,
-    encode_response,
 )
 from watcher.testing.chdouble_profiles import (
     PROFILE_NAMES,
@@ -63,6 +62,20 @@ from watcher.testing.chdouble_profiles import (
     ErrorKind,
     ProfileName,
     io_error,
+)
+from watcher.testing.chdouble_routes import (
+    ADD_FS,
+    BOOT,
+    NOT_SIMULATED,
+    REBOOT,
+    REMOVE,
+    SIMULATED,
+    ApiError,
+    Reply,
+    Route,
+    error_reply,
+    refuse_before_vmm,
+    route_for,
 )
 from watcher.testing.chdouble_serde import DeserializeError, JsonDocument
 from watcher.testing.chdouble_vm import (
@@ -84,7 +97,6 @@ from watcher.testing.chdouble_vm import (
 )
 from watcher.testing.vhost_user import VhostUserFrontend
 
-API_ROOT = "/api/v1/"
 FEATURES = ["io_uring", "kvm"]
 InitialVm = Literal["running", "created", "none"]
 EjectPolicy = Literal["auto", "manual", "never"]
@@ -99,15 +111,6 @@ class DoubleStartError(Exception):
 
     def __init__(self, chain: list[str]) -> None:
         super().__init__(": ".join(chain))
-        self.chain = chain
-
-
-class ApiError(Exception):
-    """A failed API action: `chain` follows "Error from API" in the error body (§3)."""
-
-    def __init__(self, kind: ErrorKind, chain: list[str]) -> None:
-        super().__init__(": ".join(chain))
-        self.kind = kind
         self.chain = chain
 
 
@@ -135,91 +138,6 @@ class RecordedRequest:
             "status": self.status,
             "response": self.response,
         }
-
-
-@dataclass
-class _Reply:
-    status: int
-    body: bytes | None
-    after: Callable[[], None] | None = None
-
-    def encode(self) -> bytes:
-        return encode_response(self.status, self.body)
-
-
-def _error_reply(status: int, chain: list[str]) -> _Reply:
-    return _Reply(status, json_bytes(chain))
-
-
-@dataclass(frozen=True)
-class _Route:
-    """How CH's route table handles a path (http/mod.rs, http_endpoint.rs).
-
-    `kind` "action" is CH's VmActionHandler: PATCH/DELETE get an empty 400, a GET on a PUT
-    action (or the reverse) gets `["Bad Request"]`, and `body` says whether the PUT needs one
-    (otherwise any body is a 400). The other kinds take one method and answer `["Bad Request"]`
-    to the rest.
-    """
-
-    kind: Literal["ping", "info", "create", "vmm-shutdown", "action"]
-    failure: str
-    body: bool = False
-    get: bool = False
-
-
-_ADD_FS = "The fs could not be added to the VM"
-_REMOVE = "The device could not be removed from the VM"
-_BOOT = "The VM could not boot"
-_REBOOT = "The VM could not reboot"
-
-ROUTES: dict[str, _Route] = {
-    "vmm.ping": _Route("ping", ""),
-    "vmm.shutdown": _Route("vmm-shutdown", "The VMM could not shutdown"),
-    "vm.info": _Route("info", "The VM info is not available"),
-    "vm.create": _Route("create", "The VM could not be created"),
-    "vm.boot": _Route("action", _BOOT),
-    "vm.shutdown": _Route("action", "The VM could not shutdown"),
-    "vm.reboot": _Route("action", _REBOOT),
-    "vm.pause": _Route("action", "The VM could not be paused"),
-    "vm.resume": _Route("action", "The VM could not resume"),
-    "vm.delete": _Route("action", "The VM could not be deleted"),
-    "vm.add-fs": _Route("action", _ADD_FS, body=True),
-    "vm.remove-device": _Route("action", _REMOVE, body=True),
-    # Routes CH has and the double does not simulate: they answer with a chain that says so,
-    # rather than a 404 that CH would never send for them.
-    "vm.add-disk": _Route("action", "The disk could not be added to the VM", body=True),
-    "vm.add-net": _Route("action", "The network device could not be added to the VM", body=True),
-    "vm.add-pmem": _Route("action", "The pmem device could not be added to the VM", body=True),
-    "vm.add-vsock": _Route("action", "The vsock device could not be added to the VM", body=True),
-    "vm.add-vdpa": _Route("action", "The vDPA device could not be added to the VM", body=True),
-    "vm.add-device": _Route("action", "The device could not be added to the VM", body=True),
-    "vm.add-user-device": _Route(
-        "action", "The user device could not be added to the VM", body=True
-    ),
-    "vm.resize": _Route("action", "The VM could not be resized", body=True),
-    "vm.resize-disk": _Route("action", "The disk could not be resized", body=True),
-    "vm.resize-zone": _Route("action", "The memory zone could not be resized", body=True),
-    "vm.snapshot": _Route("action", "The VM could not be snapshotted", body=True),
-    "vm.restore": _Route("action", "The VM could not be restored", body=True),
-    "vm.send-migration": _Route("action", "Error dispatching the migration worker", body=True),
-    "vm.receive-migration": _Route("action", "Error receiving migration", body=True),
-    "vm.power-button": _Route("action", "Error triggering power button"),
-    "vm.nmi": _Route("action", "Error triggering NMI"),
-    "vm.counters": _Route("action", "The VM info is not available", get=True),
-}
-_SIMULATED = frozenset(
-    {
-        "vm.boot",
-        "vm.shutdown",
-        "vm.reboot",
-        "vm.pause",
-        "vm.resume",
-        "vm.delete",
-        "vm.add-fs",
-        "vm.remove-device",
-    }
-)
-NOT_SIMULATED = "not simulated by the Cloud Hypervisor test double"
 
 
 class CloudHypervisorDouble:
@@ -302,7 +220,7 @@ class CloudHypervisorDouble:
             )
         if self._initial_vm == "running":
             self._event("vm", "booting")
-            await self._boot(_BOOT)
+            await self._boot(BOOT)
             self._event("vm", "booted")
 
     async def stop(self, clean: bool = True) -> None:
@@ -547,17 +465,17 @@ class CloudHypervisorDouble:
                     self._touch()
                 async with self._api:
                     reply = await self._answer(item, record)
-                writer.write(reply.encode() if isinstance(reply, _Reply) else reply)
+                writer.write(reply.encode() if isinstance(reply, Reply) else reply)
                 try:
                     await writer.drain()
                 except ConnectionError:
                     return
-                if isinstance(reply, _Reply) and reply.after is not None:
+                if isinstance(reply, Reply) and reply.after is not None:
                     reply.after()
 
     async def _answer(
         self, item: HttpRequest | ParseFailure | Continue, record: RecordedRequest | None
-    ) -> _Reply | bytes:
+    ) -> Reply | bytes:
         if not isinstance(item, HttpRequest):
             return item.response()
         assert record is not None
@@ -570,43 +488,34 @@ class CloudHypervisorDouble:
         self._touch()
         return reply
 
-    async def _dispatch(self, request: HttpRequest) -> _Reply:
-        name = request.path[len(API_ROOT) :] if request.path.startswith(API_ROOT) else ""
-        route = ROUTES.get(name)
-        if route is None:
-            return _error_reply(404, ["Not Found"])
-        method = request.method
+    async def _dispatch(self, request: HttpRequest) -> Reply:
+        found = route_for(request.path)
+        if found is None:
+            return error_reply(404, ["Not Found"])
+        name, route = found
+        refused = refuse_before_vmm(route, request.method, request.body)
+        if refused is not None:
+            return refused
         try:
+            # Only handlers that take a body deserialize it; the others ignore it.
+            takes_body = route.kind == "create" or route.body
+            document = JsonDocument(request.body) if takes_body and request.body else None
             if route.kind == "ping":
-                return await self._ping() if method == "GET" else _bad_request()
+                return await self._ping()
             if route.kind == "info":
-                return await self._vm_info() if method == "GET" else _bad_request()
+                return await self._vm_info()
             if route.kind == "vmm-shutdown":
-                return await self._vmm_shutdown() if method == "PUT" else _bad_request()
+                return await self._vmm_shutdown()
             if route.kind == "create":
-                if method != "PUT":
-                    return _bad_request()
-                if request.body is None:
-                    return _Reply(400, b"")
-                return await self._vm_create(
-                    read_vm_config(JsonDocument(request.body), self.profile)
-                )
-            if method in ("PATCH", "DELETE"):
-                return _Reply(400, b"")
-            if (method == "GET") != route.get:
-                return _bad_request()
-            if route.body and request.body is None:
-                return _bad_request()
-            if not route.body and not route.get and request.body is not None:
-                return _bad_request()
-            document = JsonDocument(request.body) if request.body is not None else None
+                assert document is not None
+                return await self._vm_create(read_vm_config(document, self.profile))
             return await self._action(name, route, document)
         except DeserializeError as error:
-            return _error_reply(400, ["Failed to deserialize JSON", str(error)])
+            return error_reply(400, ["Failed to deserialize JSON", str(error)])
         except ApiError as error:
-            return _error_reply(self.profile.status(error.kind), ["Error from API", *error.chain])
+            return error_reply(self.profile.status(error.kind), ["Error from API", *error.chain])
 
-    async def _action(self, name: str, route: _Route, document: JsonDocument | None) -> _Reply:
+    async def _action(self, name: str, route: Route, document: JsonDocument | None) -> Reply:
         if name == "vm.add-fs":
             assert document is not None
             fs = read_fs_config(document, (), self.profile)
@@ -618,7 +527,7 @@ class CloudHypervisorDouble:
             await self._vmm_turn()
             return self._remove_device(device_id)
         await self._vmm_turn()
-        if name not in _SIMULATED:
+        if name not in SIMULATED:
             raise ApiError(ErrorKind.INTERNAL, [route.failure, NOT_SIMULATED])
         handlers: dict[str, Callable[[], Awaitable[None]]] = {
             "vm.boot": self._vm_boot,
@@ -629,7 +538,7 @@ class CloudHypervisorDouble:
             "vm.delete": self._vm_delete,
         }
         await handlers[name]()
-        return _Reply(204, None)
+        return Reply(204, None)
 
     async def _vmm_turn(self) -> None:
         """Hand the request to the VMM thread: wait while it hangs; never, once it has exited."""
@@ -640,7 +549,7 @@ class CloudHypervisorDouble:
 
     # ---- VMM actions -----------------------------------------------------------------------
 
-    async def _ping(self) -> _Reply:
+    async def _ping(self) -> Reply:
         await self._vmm_turn()
         profile = self.profile
         body = {
@@ -649,27 +558,27 @@ class CloudHypervisorDouble:
             "pid": self.pid,
             "features": FEATURES,
         }
-        return _Reply(200, json_bytes(body))
+        return Reply(200, json_bytes(body))
 
-    async def _vm_info(self) -> _Reply:
+    async def _vm_info(self) -> Reply:
         await self._vmm_turn()
         info = self.info()
         if info is None:
             raise ApiError(
                 ErrorKind.NOT_CREATED, ["The VM info is not available", "VM is not created"]
             )
-        return _Reply(200, json_bytes(info))
+        return Reply(200, json_bytes(info))
 
-    async def _vmm_shutdown(self) -> _Reply:
+    async def _vmm_shutdown(self) -> Reply:
         await self._vmm_turn()
         await self._vm_delete()
         self._event("vmm", "shutdown")
         # The VMM thread ends here: nothing queued behind this request is answered any more,
         # and the process exits once the 200 is out.
         self._vmm_gone = True
-        return _Reply(200, b"", after=lambda: self._exit_soon(0, "ok"))
+        return Reply(200, b"", after=lambda: self._exit_soon(0, "ok"))
 
-    async def _vm_create(self, config: VmConfig) -> _Reply:
+    async def _vm_create(self, config: VmConfig) -> Reply:
         await self._vmm_turn()
         if self._config is not None:
             raise ApiError(
@@ -677,25 +586,25 @@ class CloudHypervisorDouble:
             )
         self._config = config
         self._touch()
-        return _Reply(204, None)
+        return Reply(204, None)
 
     async def _vm_boot(self) -> None:
         if self._vm is not None:
             if self.profile.boot_rejects_existing_vm:
-                raise ApiError(ErrorKind.INTERNAL, [_BOOT, "VM is already created"])
+                raise ApiError(ErrorKind.INTERNAL, [BOOT, "VM is already created"])
             # ≤ v52 ran Vm::boot's state transition on the existing Vm (§2).
             if self._vm.state == "Running":
                 raise ApiError(
                     ErrorKind.INTERNAL,
-                    [_BOOT, "invalid VM state transition: Running to Running"],
+                    [BOOT, "invalid VM state transition: Running to Running"],
                 )
             self._vm.state = "Running"
             self._touch()
             return
         if self._config is None:
-            raise ApiError(ErrorKind.NOT_CREATED, [_BOOT, "VM config is missing"])
+            raise ApiError(ErrorKind.NOT_CREATED, [BOOT, "VM config is missing"])
         self._event("vm", "booting")
-        await self._boot(_BOOT)
+        await self._boot(BOOT)
         self._event("vm", "booted")
 
     async def _vm_shutdown(self) -> None:
@@ -706,7 +615,7 @@ class CloudHypervisorDouble:
 
     async def _vm_reboot(self) -> None:
         if self._vm is None:
-            raise ApiError(ErrorKind.NOT_CREATED, [_REBOOT, "VM is not created"])
+            raise ApiError(ErrorKind.NOT_CREATED, [REBOOT, "VM is not created"])
         await self._reboot()
 
     async def _vm_pause(self) -> None:
@@ -751,26 +660,26 @@ class CloudHypervisorDouble:
         self._config = None
         self._event("vm", "deleted")
 
-    async def _add_fs(self, fs: FsConfig) -> _Reply:
+    async def _add_fs(self, fs: FsConfig) -> Reply:
         """`vm_add_fs` (lib.rs:2936-2963) and `DeviceManager::add_fs`, in CH's order (§2)."""
         config = self._config
         if config is None:
-            raise ApiError(ErrorKind.NOT_CREATED, [_ADD_FS, "VM is not created"])
+            raise ApiError(ErrorKind.NOT_CREATED, [ADD_FS, "VM is not created"])
         try:
             validate_fs_addition(config, fs, self.profile)
         except ConfigInvalid as invalid:
             kind = ErrorKind.ID_CONFLICT if invalid.conflict else ErrorKind.INVALID_CONFIG
-            raise ApiError(kind, [_ADD_FS, "Failed to validate config", invalid.message]) from None
+            raise ApiError(kind, [ADD_FS, "Failed to validate config", invalid.message]) from None
         vm = self._vm
         if vm is None:
             config.fs = [*(config.fs or []), fs]
             self._touch()
-            return _Reply(204, None)
+            return Reply(204, None)
         if fs.id is not None and fs.id in vm.nodes:
             raise ApiError(
                 ErrorKind.INTERNAL,
                 [
-                    _ADD_FS,
+                    ADD_FS,
                     "Error from device manager",
                     f"Invalid identifier as it is not unique: {fs.id}",
                 ],
@@ -783,7 +692,7 @@ class CloudHypervisorDouble:
             raise ApiError(
                 ErrorKind.INTERNAL,
                 [
-                    _ADD_FS,
+                    ADD_FS,
                     "Error from device manager",
                     "Cannot create virtio-fs device",
                     *failure.tail,
@@ -793,32 +702,32 @@ class CloudHypervisorDouble:
             device = vm.attach_fs(fs, frontend)
         except PciSlotUnavailable as unavailable:
             frontend.close()
-            raise ApiError(ErrorKind.INTERNAL, [_ADD_FS, *_slot_failure(unavailable)]) from None
+            raise ApiError(ErrorKind.INTERNAL, [ADD_FS, *_slot_failure(unavailable)]) from None
         # "important to ensure the device would be created in case of a reboot" (vm.rs).
         config.fs = [*(config.fs or []), fs]
         self._watch_backend(vm, device)
         self._touch()
-        return _Reply(200, json_bytes({"id": device.id, "bdf": device.bdf}))
+        return Reply(200, json_bytes({"id": device.id, "bdf": device.bdf}))
 
-    def _remove_device(self, device_id: str) -> _Reply:
+    def _remove_device(self, device_id: str) -> Reply:
         """`vm_remove_device`: config entry gone at once, tree nodes gone at eject (§5)."""
         vm, config = self._vm, self._config
         if vm is None:
             if config is None:
-                raise ApiError(ErrorKind.NOT_CREATED, [_REMOVE, "VM is not created"])
+                raise ApiError(ErrorKind.NOT_CREATED, [REMOVE, "VM is not created"])
             if not config.remove_device(device_id):
                 raise ApiError(
                     ErrorKind.UNKNOWN_DEVICE,
-                    [_REMOVE, f"No device with id {json.dumps(device_id)} to remove"],
+                    [REMOVE, f"No device with id {json.dumps(device_id)} to remove"],
                 )
             self._touch()
-            return _Reply(204, None)
+            return Reply(204, None)
         assert config is not None
         if device_id not in vm.nodes:
             raise ApiError(
                 ErrorKind.UNKNOWN_DEVICE,
                 [
-                    _REMOVE,
+                    REMOVE,
                     "Error from device manager",
                     f"Failed to find device corresponding to the given identifier: {device_id}",
                 ],
@@ -829,7 +738,7 @@ class CloudHypervisorDouble:
             raise ApiError(
                 ErrorKind.INTERNAL,
                 [
-                    _REMOVE,
+                    REMOVE,
                     "Error from device manager",
                     f"Not allowed to remove this type of device from the VM: {kind}",
                 ],
@@ -840,7 +749,7 @@ class CloudHypervisorDouble:
             if self._eject_policy == "auto":
                 device.eject_task = self._spawn(self._auto_eject(vm, device))
         self._touch()
-        return _Reply(204, None)
+        return Reply(204, None)
 
     # ---- boot, reboot and backends -----------------------------------------------------------
 
@@ -893,7 +802,7 @@ class CloudHypervisorDouble:
         """`vm_reboot`: drop the Vm (backends disconnect), rebuild it from the same config."""
         self._event("vm", "rebooting")
         self._teardown_vm()
-        await self._boot(_REBOOT)
+        await self._boot(REBOOT)
         self._event("vm", "rebooted")
 
     def _teardown_vm(self) -> None:
@@ -991,10 +900,6 @@ def _slot_failure(unavailable: PciSlotUnavailable) -> list[str]:
         "Failed to find an available PCI device ID",
         str(unavailable),
     ]
-
-
-def _bad_request() -> _Reply:
-    return _error_reply(400, ["Bad Request"])
 
 
 def _json_or_none(body: bytes | None) -> Any:
