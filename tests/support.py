@@ -73,6 +73,7 @@ class Host:
         api_socket: str | None = None,
         extra: str = "",
         share_options: str = "",
+        retry_extra: str = "",
     ) -> None:
         """Write mounts.toml atomically (like config management would)."""
         lines = [
@@ -82,6 +83,7 @@ class Host:
             "[retry]",
             "initial_delay = 0.05",
             "max_delay = 0.5",
+            retry_extra,
         ]
         for vm, tags in vms.items():
             lines.append(f"[vm.{vm}]")

@@ -86,6 +86,7 @@ queue_size = 256
 initial_delay = 1
 max_delay = 2.5
 give_up_after = 600
+resync = 15
 
 [backend]
 virtiofsd = "/opt/bin/virtiofsd"
@@ -109,7 +110,7 @@ fs = []
     assert config.watch == WatchSettings(
         ApiSocketPattern.parse("/var/lib/cocoon/run/cloudhypervisor/{vm}/api.sock"), "vfs-", True
     )
-    assert config.retry == RetrySettings(1.0, 2.5, 600.0)
+    assert config.retry == RetrySettings(1.0, 2.5, 600.0, 15.0)
     assert isinstance(config.retry.initial_delay, float)
     assert config.backend == BackendSettings(
         "/opt/bin/virtiofsd", ("--thread-pool-size=4", "--xattr"), "/run/vfs", "on-demand"
@@ -216,6 +217,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "initial_delay",
         "max_delay",
         "give_up_after",
+        "resync",
         "virtiofsd",
         "extra_args",
         "runtime_dir",
@@ -485,6 +487,11 @@ def test_defaults_unknown_key() -> None:
             "give_up_after = -1",
             "retry.give_up_after: -1 is negative "
             "(use 0 to keep trying while the VM's API socket is live, or a number of seconds)",
+        ),
+        (
+            "resync = -5",
+            "retry.resync: -5 is negative "
+            "(use a number of seconds, or 0 to look at running VMs only when something changes)",
         ),
         (
             "give_up_after = inf",

@@ -277,3 +277,39 @@ async def test_once_attaches_and_reports_per_share(host: Host) -> None:
     rc, out = await run_once(host)
     assert rc == 0, out
     assert sorted(await add_fs_ids(double)) == ["cocoon-fs-data", "cocoon-fs-logs"]
+
+
+async def test_resync_restores_a_device_removed_behind_the_daemons_back(host: Host) -> None:
+    host.write_config({"web01": ["data"]}, retry_extra="resync = 0.5")
+    # The test owns the listening socket and hands it to each backend with --fd (the
+    # libvirt pattern), so starting the second backend creates no file: no inotify
+    # event pokes the daemon, only its resync can notice the loss.
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(host.backend_socket("web01", "data"))
+    listener.listen(8)
+
+    async def backend() -> None:
+        argv = [sys.executable, "-m", "watcher.testing.fake_virtiofsd", f"--fd={listener.fileno()}"]
+        host.backends.append(await BackendProcess.start(argv, pass_fds=[listener.fileno()]))
+
+    try:
+        await backend()
+        double = await host.start_double("web01", "--eject", "auto")
+        daemon = await host.start_daemon()
+        await wait_attached(double, "cocoon-fs-data")
+        api = host.api_socket("web01")
+        removed = await unixhttp.request(
+            api, "PUT", "/api/v1/vm.remove-device", b'{"id":"cocoon-fs-data"}', timeout=10
+        )
+        assert removed.status == 204
+        await eventually(lambda: not host.backends[0].running, "first backend exits at eject")
+        await backend()
+
+        async def re_added() -> bool:
+            ids = await attached_ids(double)
+            return len(await add_fs_ids(double)) == 2 and "cocoon-fs-data" in ids
+
+        await eventually(re_added, "re-added by a resync pass")
+        await daemon.wait_for(r"attached vm=web01 tag=data", count=2)
+    finally:
+        listener.close()

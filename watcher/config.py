@@ -97,11 +97,17 @@ class WatchSettings:
 
 @dataclass(frozen=True)
 class RetrySettings:
-    """Backoff for attach attempts, in seconds; give_up_after 0 means never give up."""
+    """Backoff for attach attempts, in seconds; give_up_after 0 means never give up.
+
+    resync: how often a running VM is looked at again without any event (0:
+    never). Some losses raise no event the daemon can see: on CH >= v52 a
+    reboot that fails to reconnect a backend leaves the VM config without its
+    fs devices, and a person may remove a device by hand."""
 
     initial_delay: float = 0.2
     max_delay: float = 30.0
     give_up_after: float = 0.0
+    resync: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -460,7 +466,7 @@ def _retry_settings(main: _Table) -> RetrySettings:
     table = main.table("retry", "write it as a [retry] section")
     if table is None:
         return default
-    table.allow_only(("initial_delay", "max_delay", "give_up_after"))
+    table.allow_only(("initial_delay", "max_delay", "give_up_after", "resync"))
 
     initial_delay = table.seconds("initial_delay")
     if initial_delay is not None and initial_delay <= 0:
@@ -491,10 +497,20 @@ def _retry_settings(main: _Table) -> RetrySettings:
             "(use 0 to keep trying while the VM's API socket is live, or a number of seconds)",
         )
 
+    resync = table.seconds("resync")
+    if resync is not None and resync < 0:
+        table.problem(
+            "resync",
+            f"{_show(table.data['resync'])} is negative "
+            "(use a number of seconds, or 0 to look at running VMs only when something changes)",
+        )
+        resync = None
+
     return RetrySettings(
         initial_delay=initial_delay,
         max_delay=default.max_delay if max_delay is None else max_delay,
         give_up_after=default.give_up_after if give_up_after is None else give_up_after,
+        resync=default.resync if resync is None else resync,
     )
 
 

@@ -126,10 +126,15 @@ class VmWorker:
         self._poked.set()
 
     async def run(self) -> None:
-        """The task body: a pass per poke (the first poke comes from the daemon)."""
+        """The task body: a pass per poke (the first poke comes from the daemon),
+        and a resync pass now and then while CH is live (see RetrySettings.resync)."""
+        resync = self.settings.retry.resync
         while True:
-            await self._poked.wait()
-            self._poked.clear()
+            if self.status.socket is SocketState.LIVE and resync > 0:
+                await self._woken_within(resync * random.uniform(0.9, 1.1))
+            else:
+                await self._poked.wait()
+                self._poked.clear()
             await self.reconcile(retry=True)
 
     async def reconcile(self, *, retry: bool) -> None:

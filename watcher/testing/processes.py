@@ -111,10 +111,11 @@ class BackendProcess(ChildProcess):
         return rc
 
     @classmethod
-    async def start(cls, argv: Sequence[str]) -> BackendProcess:
+    async def start(cls, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> BackendProcess:
         """Start a backend; return once it logged that it listens."""
         proc = await asyncio.create_subprocess_exec(
             *argv,
+            pass_fds=pass_fds,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
