@@ -263,6 +263,7 @@ class VmWorker:
         if identity.pid != self._pid:
             if self._pid is not None or self._blocked:
                 log.info(kv("new CH process", vm=self.name, pid=identity.pid))
+                self._forget_shares("a new CH process")
             self._pid = identity.pid
             self._blocked.clear()
         self.status.ch_pid = identity.pid
@@ -440,10 +441,17 @@ class VmWorker:
         self.status.detail = reason
         self._mark_all_pending_retrying(reason)
 
+    def _forget_shares(self, why: str) -> None:
+        """What we knew about the shares belonged to a CH process that is gone."""
+        self._pid = None
+        for status in self.status.shares.values():
+            self._set(status, ShareState.PENDING, why)
+
     def _gone(self) -> None:
         self.status.socket = SocketState.ABSENT
         self.status.ch_pid = None
         self.status.detail = "no API socket: the VM is not running"
+        self._forget_shares("VM not running")
 
     def _stale(self) -> None:
         if self.status.socket is not SocketState.STALE:
@@ -458,6 +466,7 @@ class VmWorker:
         self.status.socket = SocketState.STALE
         self.status.ch_pid = None
         self.status.detail = "stale API socket: CH is not running"
+        self._forget_shares("VM not running")
         self._on_change()
 
     def _not_ch(self, reason: str) -> None:
