@@ -218,3 +218,26 @@ def test_drop_in_applies_on_top_of_the_unit(tmp_path: Path) -> None:
 def type_line(path: Path) -> int:
     lines = path.read_text().splitlines()
     return lines.index("Type=notify-reload") + 1
+
+
+MANAGED = SYSTEMD_DIR / "virtiofs-reattach-managed.conf"
+
+
+@needs_systemd_analyze
+def test_managed_drop_in_verifies_on_top_of_the_unit(tmp_path: Path) -> None:
+    unit = runnable_copy(tmp_path)
+    drop_in_dir = tmp_path / f"{UNIT.name}.d"
+    drop_in_dir.mkdir()
+    shutil.copy(MANAGED, drop_in_dir / "managed.conf")
+    assert systemd_analyze("verify", "--man=no", str(unit)) == ""
+
+
+def test_managed_drop_in_keeps_virtiofsd_alive_across_daemon_restarts() -> None:
+    """Only the daemon is signalled on stop/restart, so live VM connections survive
+    (watcher/backends.py adopts the running virtiofsd), and their sockets in the
+    runtime folder are kept."""
+    managed = settings(MANAGED)
+    assert managed["Service.KillMode"] == ["process"]
+    assert managed["Service.RestrictNamespaces"] == ["no"]
+    assert "CAP_SYS_ADMIN" in managed["Service.CapabilityBoundingSet"][0]
+    assert settings(UNIT)["Service.RuntimeDirectoryPreserve"] == ["yes"]
