@@ -510,3 +510,46 @@ def test_a_missing_virtiofsd_says_what_to_install(
         find_virtiofsd(None)
     with pytest.raises(BackendError, match="is not an executable file"):
         find_virtiofsd(str(tmp_path / "nope"))
+
+
+async def test_a_vm_connecting_while_the_daemon_is_down_is_served(
+    harness: Harness, real_virtiofsd: Path
+) -> None:
+    share = harness.share()
+    old_daemon = harness.supervisor(real_virtiofsd)
+    await old_daemon.ensure(share)
+    waiting = await new_pid(old_daemon, share, [])
+    await eventually(
+        lambda: status_of(old_daemon, share).state == "listening", "accept() reached", DEADLINE
+    )
+
+    await old_daemon.close()
+
+    assert stat.S_ISSOCK(os.lstat(share.socket).st_mode)
+    frontend = await connect_frontend(share.socket)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            assert await frontend.handshake() & VIRTIO_F_VERSION_1
+        new_daemon = harness.supervisor(real_virtiofsd)
+        await new_daemon.ensure(share)
+        assert status_of(new_daemon, share).pid == waiting
+    finally:
+        frontend.close()
+    await new_pid(new_daemon, share, [waiting])
+
+
+async def test_changed_settings_apply_from_the_next_start(harness: Harness) -> None:
+    supervisor = harness.supervisor(harness.fake())
+    share = harness.share()
+    await supervisor.ensure(share)
+    first = await new_pid(supervisor, share, [])
+    moved = harness.tmp_path / "moved"
+    moved.mkdir()
+    changed = harness.share(shared_dir=moved)
+
+    await supervisor.ensure(changed)
+
+    assert status_of(supervisor, changed).pid == first
+    await boot_and_shut_down(share.socket)
+    second = await new_pid(supervisor, changed, [first])
+    assert f"--shared-dir={moved}".encode() in Path(f"/proc/{second}/cmdline").read_bytes()

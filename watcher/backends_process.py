@@ -1,84 +1,34 @@
-"""The host-side pieces of one managed share: listener, virtiofsd process, registry file, log FIFO.
+"""A virtiofsd process, started by us or adopted from an earlier daemon: start, watch, stop.
 
-Each piece is shaped by the requirement that a daemon restart neither kills a virtiofsd that serves
-a VM nor leaves one running unsupervised (see ``watcher.backends`` for the whole design):
-
-* The listener stays **blocking** and is never registered with the event loop: virtiofsd inherits
-  the same open file description, and O_NONBLOCK on it would make virtiofsd's accept() fail with
-  EAGAIN. It is chmod 0600 between bind and listen (Cloud Hypervisor runs as root, and no connect
-  can succeed before listen, so the default mode is never exposed).
-* The process is started with ``os.posix_spawn`` in a session of its own, not with
-  ``subprocess.Popen``: a Popen object owns the reaping, warns when dropped while its child lives
-  and hands it to a module-level list that reaps it later, but dropping live children is exactly
-  what daemon shutdown does here. A bare pid plus a pidfd is the same model for a process we
-  started and one we adopt from a previous daemon: the pidfd becomes readable when the process
-  exits, whether or not it is our child.
-* The registry file records pid and start time (/proc/<pid>/stat field 22), because a pid alone
-  may name an unrelated process after a reboot or pid wrap-around.
-* The log FIFO is opened O_RDWR on both ends: the child's end makes it a reader of its own pipe,
-  so a virtiofsd never gets SIGPIPE/EPIPE while no daemon reads; the daemon's end makes it a writer,
-  so the daemon never sees end-of-file (which would keep the fd readable and spin the loop) when a
-  virtiofsd exits. While no daemon reads, a virtiofsd can write one pipe buffer (64 KiB, several
-  hundred of its lines) before its writes block; it writes a handful of lines per VM boot.
+* It is started with ``os.posix_spawn`` in a session of its own, not with ``subprocess.Popen``:
+  a Popen object owns the reaping, warns when dropped while its child lives and hands it to a
+  module-level list that reaps it later, but leaving live children behind is exactly what daemon
+  shutdown does here. A bare pid plus a pidfd is one model for a process we started and for one we
+  adopt: the pidfd becomes readable when the process exits, whether or not it is our child.
+* Its own session (and so process group) lets us signal everything it forks (the legacy
+  virtiofsd's namespace sandbox runs its worker as a child), and keeps it out of the daemon's
+  group, so a daemon exit does not take it down; no PR_SET_PDEATHSIG for the same reason.
+* A process is known by pid **and** start time (/proc/<pid>/stat field 22): a pid alone may name
+  a stranger once a process that is not our child has been reaped by init.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import os
 import signal
-import socket
-import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .backends_virtiofsd import LISTENER_FD, BackendError
+from .backends_virtiofsd import LISTENER_FD
+from .logs import kv
 
-LISTEN_BACKLOG = 16
-"""A VM connects once per boot; the backlog only has to hold it until the next virtiofsd starts."""
-
-MAX_LINE = 4096
-"""A longer run of output without a newline is logged in pieces rather than buffered forever."""
+log = logging.getLogger("watcher.backends")
 
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID")
 """The daemon's systemd hand-offs: a child must not be able to notify systemd on its behalf."""
-
-
-def bind_listener(path: str) -> socket.socket:
-    """Bind and listen at ``path``, replacing a stale socket file without connecting to it.
-
-    Probing the file with a connect is never safe: the probe would become the one frontend a
-    waiting virtiofsd serves (virtiofsd.md §2). Anything that is not a socket is left alone.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise BackendError(
-                f"{path} exists and is not a socket (remove it, or give the share another socket)"
-            )
-        os.unlink(path)
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        os.chmod(path, 0o600)
-        listener.listen(LISTEN_BACKLOG)
-    except BaseException:
-        listener.close()
-        raise
-    return listener
-
-
-def unlink_socket(path: str) -> None:
-    """Remove ``path`` if it is a socket; a file someone put there instead is not ours."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
 
 
 def start_ticks(pid: int) -> int | None:
@@ -110,10 +60,12 @@ class ExitStatus:
 
     def __str__(self) -> str:
         if self.signal is not None:
-            return f"killed by {signal.Signals(self.signal).name}"
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(self.signal).name}"
+            return f"killed by signal {self.signal}"
         if self.code is not None:
             return f"rc {self.code}"
-        return "ended (status unknown: started by an earlier daemon)"
+        return "ended, status unknown (not our child)"
 
 
 class BackendProcess:
@@ -132,43 +84,42 @@ class BackendProcess:
         self.exited.set()
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], listener: socket.socket, log_path: str) -> BackendProcess:
-        """Start ``argv`` in its own session with the listener as fd 3 and the FIFO as stdout/err.
+    def spawn(cls, argv: Sequence[str], listener: int, output: int) -> BackendProcess:
+        """Start ``argv`` in a new session, ``listener`` as fd 3, ``output`` as stdout and stderr.
 
-        Its own session (and so process group) lets us signal everything it forks (the legacy
-        virtiofsd's namespace sandbox runs its worker as a child) and keeps it apart from the
-        daemon's group, so a daemon exit does not take it down; no PR_SET_PDEATHSIG for the same
-        reason. SIGPIPE and SIGXFSZ go back to their defaults because Python ignores them and
-        exec keeps an ignored signal ignored (``subprocess`` resets them for the same reason).
+        Only those reach it: descriptors the daemon itself inherited without close-on-exec are
+        closed, as ``subprocess`` would. SIGPIPE and SIGXFSZ go back to their defaults because
+        Python ignores them and exec keeps an ignored signal ignored.
         """
-        output = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            # The daemon's stdio is open (systemd connects it), so both descriptors are >= 3 and
-            # the dup2s below cannot overwrite each other's source. dup2(fd, fd) clears
-            # FD_CLOEXEC in glibc >= 2.29, so a listener that happens to be fd 3 is inherited too.
-            actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, output, 1),
-                (os.POSIX_SPAWN_DUP2, output, 2),
-                (os.POSIX_SPAWN_DUP2, listener.fileno(), LISTENER_FD),
-            ]
-            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 3]
-            env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
-            pid = os.posix_spawn(
-                argv[0],
-                list(argv),
-                env,
-                file_actions=actions,
-                setsid=True,
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                setsigmask=(),
-            )
-        finally:
-            os.close(output)
+        # The daemon's stdio is open (systemd connects it), so both descriptors are >= 3 and the
+        # dup2s cannot overwrite each other's source; dup2(fd, fd) clears FD_CLOEXEC (glibc >=
+        # 2.29), so a listener that happens to be fd 3 is inherited too.
+        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, output, 1),
+            (os.POSIX_SPAWN_DUP2, output, 2),
+            (os.POSIX_SPAWN_DUP2, listener, LISTENER_FD),
+        ]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > LISTENER_FD]
+        env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
+        pid = os.posix_spawn(
+            argv[0],
+            list(argv),
+            env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            setsigmask=(),
+        )
         # Our child cannot be reaped (and its pid reused) before we wait for it: both are safe.
         ticks = start_ticks(pid)
         assert ticks is not None
-        return cls(pid, os.pidfd_open(pid), ticks)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.killpg(pid, signal.SIGKILL)  # unwatched, it would be a runaway
+            raise
+        return cls(pid, pidfd, ticks)
 
     @classmethod
     def adopt(cls, pid: int, ticks: int) -> BackendProcess | None:
@@ -220,6 +171,15 @@ class BackendProcess:
             return ExitStatus(code=result.si_status)
         return ExitStatus(signal=result.si_status)
 
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the exit; True if it happened."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.exited.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def close(self) -> None:
         """Stop watching; the process itself is left alone."""
         if not self.exited.is_set():
@@ -237,108 +197,16 @@ def _inheritable_fds() -> list[int]:
     return found
 
 
-@dataclass(frozen=True)
-class Registration:
-    """What a daemon needs to find the virtiofsd of a share after a restart."""
-
-    pid: int
-    start_ticks: int
-    socket: str
-    argv: tuple[str, ...]
-
-
-def registrations(runtime_dir: str) -> list[tuple[str, str, Registration]]:
-    """(vm, tag, record) of every readable registry file under ``runtime_dir``."""
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for vm in sorted(os.listdir(runtime_dir)):
-            folder = os.path.join(runtime_dir, vm)
-            if not os.path.isdir(folder):
-                continue
-            for name in sorted(os.listdir(folder)):
-                tag, dot, extension = name.rpartition(".")
-                if not dot or extension != "json":
-                    continue  # never open the FIFOs here: a read-only open blocks
-                record = read_registration(os.path.join(folder, name))
-                if record is not None:
-                    found.append((vm, tag, record))
-    return found
-
-
-def write_registration(path: str, record: Registration) -> None:
-    """Replace the registry file atomically, so a restarting daemon never reads half of it."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(
-            {
-                "pid": record.pid,
-                "start_ticks": record.start_ticks,
-                "socket": record.socket,
-                "argv": list(record.argv),
-            },
-            file,
-        )
-    os.replace(temporary, path)
-
-
-def read_registration(path: str) -> Registration | None:
-    """The registry file's record; None when it is missing or unreadable: nothing to adopt."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-        return Registration(
-            pid=int(document["pid"]),
-            start_ticks=int(document["start_ticks"]),
-            socket=str(document["socket"]),
-            argv=tuple(str(arg) for arg in document["argv"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-class OutputFifo:
-    """Reads virtiofsd's stdout and stderr from a FIFO, one complete line at a time."""
-
-    def __init__(self, path: str, on_line: Callable[[str], None]) -> None:
-        self.path = path
-        self._on_line = on_line
-        self._partial = b""
-        try:
-            is_fifo = stat.S_ISFIFO(os.lstat(path).st_mode)
-        except FileNotFoundError:
-            is_fifo = False
-        if not is_fifo:
-            # An existing FIFO is kept: a virtiofsd adopted from the previous daemon writes to it.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            os.mkfifo(path, 0o600)
-        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self.drain)
-
-    def drain(self) -> None:
-        """Pass on every complete line the pipe holds now."""
-        while True:
-            try:
-                chunk = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return
-            lines = (self._partial + chunk).split(b"\n")
-            self._partial = lines.pop()
-            while len(self._partial) > MAX_LINE:
-                lines.append(self._partial[:MAX_LINE])
-                self._partial = self._partial[MAX_LINE:]
-            for line in lines:
-                self._on_line(line.decode(errors="replace").rstrip())
-
-    def flush(self) -> None:
-        """Drain, then pass on an unfinished last line: its writer has exited."""
-        self.drain()
-        if self._partial:
-            partial, self._partial = self._partial, b""
-            self._on_line(partial.decode(errors="replace").rstrip())
-
-    def close(self) -> None:
-        """Stop reading; the FIFO stays for the virtiofsd still writing to it."""
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+async def terminate(process: BackendProcess, timeout: float, **ids: str) -> ExitStatus:
+    """SIGTERM, then SIGKILL after ``timeout``: the legacy virtiofsd can miss SIGTERM while it
+    waits in accept() (observed, tests/test_vhost_user.py)."""
+    process.signal_group(signal.SIGTERM)
+    if not await process.wait(timeout):
+        log.warning(kv("virtiofsd ignored SIGTERM, killing it", **ids, pid=process.pid))
+        process.signal_group(signal.SIGKILL)
+        if not await process.wait(timeout):
+            log.error(kv("virtiofsd survived SIGKILL", **ids, pid=process.pid))
+    status = process.reap()
+    process.close()
+    log.info(kv("virtiofsd stopped", **ids, pid=process.pid, exit=str(status)))
+    return status

@@ -1,0 +1,272 @@
+"""One managed share's restart loop: one virtiofsd after the other on the share's listener.
+
+virtiofsd exits with rc 0 whenever its VM disconnects (reboot, shutdown, CH exit), and CH
+reconnects to the same path for only 60 s (virtiofsd.md §2, cloud-hypervisor-api.md §6-§7). So:
+
+* rc 0 → the next virtiofsd starts at once, and is waiting before CH reconnects;
+* any other end soon after the start is a crash loop (missing shared_dir, bad extra_args): the
+  restarts back off exponentially, the reason (virtiofsd's last output line) is logged once
+  through a FailureThrottle, and a retry's output lines that repeat the failed run's go to debug;
+* the next virtiofsd starts only after the previous one has exited and been reaped, so two never
+  wait on one listener.
+
+The listener stays bound during backoff. A CH connect made then waits in the backlog and is
+served as soon as an attempt succeeds (say, once the shared_dir appears), but CH has no timeout
+on the vhost-user handshake, so its VMM thread waits as long (cloud-hypervisor-api.md §7). Hence
+the ``backoff`` state in ``status()``: a reason to hold off ``vm.add-fs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from .backends_files import (
+    OutputFifo,
+    Registration,
+    SharePaths,
+    bind_listener,
+    write_registration,
+)
+from .backends_process import BackendProcess, terminate
+from .backends_virtiofsd import BackendError
+from .config import Share
+from .logs import FailureThrottle, kv
+
+log = logging.getLogger("watcher.backends")
+
+BackendState = Literal["starting", "listening", "serving", "adopted", "backoff", "failed"]
+"""starting: spawned, not accepting yet; listening: waiting for its VM; serving: connected;
+adopted: started by an earlier daemon, phase unknown until it logs; backoff: waiting to retry
+after a failure; failed: cannot be started at all (``last_error`` says why), no socket."""
+
+_LISTENING = ("Waiting for vhost-user socket connection",)
+_SERVING = ("Client connected", "Received vhost-user socket connection")
+"""virtiofsd's lines for reaching accept() and returning from it: Rust and legacy (observed)."""
+
+
+@dataclass(frozen=True)
+class BackendTiming:
+    """Restart backoff and stop deadline, in seconds."""
+
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+    healthy_after: float = 10.0
+    """A run at least this long was not part of a crash loop: the backoff starts over."""
+    stop_timeout: float = 2.0
+    """How long SIGTERM, then SIGKILL, may take."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """What ``status`` reports for one supervised socket."""
+
+    vm: str
+    tag: str
+    socket: str
+    state: BackendState
+    pid: int | None
+    restarts: int
+    last_exit: str | None
+    last_error: str | None
+
+
+class ShareBackend:
+    """One managed share's listener, current virtiofsd, restart loop and history."""
+
+    def __init__(
+        self,
+        share: Share,
+        argv: list[str],
+        paths: SharePaths,
+        timing: BackendTiming,
+        throttle: FailureThrottle,
+    ) -> None:
+        self.share = share
+        self.argv = argv  # both replaced when the configuration changes; used at the next start
+        self.paths = paths
+        self.timing = timing
+        self.throttle = throttle
+        self.output: OutputFifo | None = None
+        self.listener: socket.socket | None = None
+        self.process: BackendProcess | None = None
+        self.state: BackendState = "starting"
+        self.runs = 0
+        self.last_exit: str | None = None
+        self.last_error: str | None = None
+        self._started_at: float | None = None
+        self._failing = False
+        self._run_lines: deque[str] = deque(maxlen=64)
+        self._repeat_lines: frozenset[str] = frozenset()
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self, adopted: BackendProcess | None) -> None:
+        """Open the FIFO and the listener (or watch ``adopted``, which holds its own), and start.
+
+        On error nothing stays open; ``adopted`` is the caller's to close.
+        """
+        try:
+            self.output = OutputFifo(self.paths.fifo, self._on_output)
+            if adopted is None:
+                self.listener = bind_listener(self.paths.socket)
+        except BaseException:
+            self._close_files()
+            raise
+        if adopted is not None:
+            self.process, self.state, self.runs = adopted, "adopted", 1
+        self._task = asyncio.create_task(self._run(), name=f"virtiofsd {self.paths.socket}")
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(
+            vm=self.share.vm,
+            tag=self.share.tag,
+            socket=self.share.socket,
+            state=self.state,
+            pid=None if self.process is None else self.process.pid,
+            restarts=max(self.runs - 1, 0),
+            last_exit=self.last_exit,
+            last_error=self.last_error,
+        )
+
+    async def stop(self) -> None:
+        """Stop the loop and the virtiofsd, close our descriptors; the files stay."""
+        await self._cancel()
+        if self.process is not None:
+            await terminate(self.process, self.timing.stop_timeout, **self._ids())
+            self.process = None
+            if self.output is not None:
+                self.output.flush()
+        self._close_files()
+
+    async def detach(self) -> bool:
+        """Stop the loop, close our descriptors, leave the virtiofsd running; True if one was."""
+        await self._cancel()
+        running = self.process is not None
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+        self._close_files()
+        return running
+
+    async def _cancel(self) -> None:
+        # asyncio.wait, not await: a cancellation of the caller itself must not be swallowed.
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+
+    def _close_files(self) -> None:
+        if self.output is not None:
+            self.output.close()
+            self.output = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _ids(self) -> dict[str, str]:
+        return {"vm": self.share.vm, "tag": self.share.tag}
+
+    async def _run(self) -> None:
+        try:
+            await self._restart_loop()
+        except Exception as err:
+            # A bug here must not pass silently: the share would just stop being served.
+            log.exception(kv("virtiofsd supervision crashed", **self._ids()))
+            self.state, self.last_error = "failed", repr(err)
+
+    async def _restart_loop(self) -> None:
+        timing = self.timing
+        loop = asyncio.get_running_loop()
+        backoff, delay = timing.initial_delay, 0.0
+        while True:
+            if self.process is None:
+                if delay > 0:
+                    self.state = "backoff"
+                    await asyncio.sleep(delay)
+                try:
+                    self._start()
+                except (OSError, BackendError) as err:
+                    delay, backoff = backoff, min(backoff * 2, timing.max_delay)
+                    self._report_failure("could not start", str(err), delay)
+                    continue
+            process = self.process
+            assert process is not None
+            assert self.output is not None
+            await process.exited.wait()
+            self.output.flush()  # its last lines, before they are taken for the next one's
+            status = process.reap()
+            process.close()
+            self.process, self.last_exit = None, str(status)
+            if status.clean or (status.code is None and status.signal is None):
+                # Its VM disconnected; or it was adopted, is not our child, and had been serving.
+                backoff, delay = timing.initial_delay, 0.0
+                self._failing, self._repeat_lines = False, frozenset()
+                self.throttle.clear(self.paths.socket)
+                log.info(kv("virtiofsd exited, starting the next", **self._ids(), pid=process.pid))
+                continue
+            ran = None if self._started_at is None else loop.time() - self._started_at
+            if ran is None or ran >= timing.healthy_after:
+                backoff = timing.initial_delay
+            delay, backoff = backoff, min(backoff * 2, timing.max_delay)
+            self._repeat_lines = frozenset(self._run_lines)
+            reason = self._run_lines[-1] if self._run_lines else "no output"
+            self._report_failure(str(status), reason, delay)
+
+    def _start(self) -> None:
+        assert self.output is not None
+        if self.listener is None:  # after an adopted virtiofsd, which held the old one
+            self.listener = bind_listener(self.paths.socket)
+        self._run_lines.clear()
+        output = self.output.writer()
+        try:
+            process = BackendProcess.spawn(self.argv, self.listener.fileno(), output)
+        finally:
+            os.close(output)
+        self.process, self.state, self.runs = process, "starting", self.runs + 1
+        self._started_at = asyncio.get_running_loop().time()
+        # In a crash loop each attempt is news only at debug level; the failure is logged once.
+        log.log(
+            logging.DEBUG if self._failing else logging.INFO,
+            kv("virtiofsd started", **self._ids(), pid=process.pid, run=self.runs),
+        )
+        record = Registration(process.pid, process.ticks, self.paths.socket, tuple(self.argv))
+        try:
+            write_registration(self.paths.registry, record)
+        except OSError as err:
+            # It runs and serves all the same; only a daemon restart would not find it.
+            log.warning(kv("cannot write registry file", path=self.paths.registry, error=err))
+
+    def _report_failure(self, how: str, reason: str, delay: float) -> None:
+        self._failing, self.last_error = True, reason
+        now = asyncio.get_running_loop().time()
+        held_back = self.throttle.admit(self.paths.socket, f"{how}: {reason}", now)
+        if held_back is not None:
+            log.error(
+                kv(
+                    "virtiofsd failed",
+                    **self._ids(),
+                    exit=how,
+                    reason=reason,
+                    retry_in=f"{delay:g}s",
+                    repeats=held_back or None,
+                )
+            )
+
+    def _on_output(self, line: str) -> None:
+        """One line of virtiofsd's output into the daemon's log, and into the share's state."""
+        if not line:
+            return
+        self._run_lines.append(line)
+        if any(marker in line for marker in _LISTENING):
+            self.state = "listening"
+        elif any(marker in line for marker in _SERVING):
+            self.state = "serving"
+        level = logging.ERROR if "ERROR" in line else logging.INFO
+        if line in self._repeat_lines:
+            level = logging.DEBUG
+        pid = None if self.process is None else self.process.pid
+        log.log(level, kv("virtiofsd", **self._ids(), pid=pid, out=line))
