@@ -4,10 +4,11 @@ The key behaviours (reboots, the backlog window, a killed backend, a daemon rest
 connection) run against the real /usr/lib/qemu/virtiofsd and are skipped only where it is absent.
 The fast ones (crash loop, stopping a backend that ignores SIGTERM) use the fake.
 
-The fake is driven through small executable wrapper scripts written into tmp_path and set as
-``[backend] virtiofsd``, as an operator would point at a binary. The fake knows no ``--cache`` or
-``--readonly``, so its wrapper drops them, and every wrapper appends its start time to a file so
-a test can look at when attempts happened without timing anything itself.
+Backends other than the real binary are small executable scripts written into tmp_path and set
+as ``[backend] virtiofsd``, as an operator would point at a binary: the fake's wrapper drops the
+``--cache`` and ``--readonly`` flags the fake does not know and appends its start time to a file,
+so a test can look at when attempts happened without timing anything itself; a stubborn backend
+ignores SIGTERM; a gate holds the real virtiofsd back until the test lets it start.
 
 Nothing here sleeps to synchronise: tests poll a condition with a deadline, or wait for a
 frontend's handshake, which only completes once a virtiofsd serves it. Every test ends with a
@@ -83,6 +84,11 @@ def command_lines_mentioning(text: str) -> dict[int, str]:
             if text.encode() in cmdline:
                 found[int(name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
     return found
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
 
 
 def is_running(pid: int) -> bool:
@@ -339,11 +345,6 @@ async def test_a_daemon_restart_keeps_the_live_connection_and_adopts_its_virtiof
     assert status_of(new_daemon, share).restarts == 1
     assert await boot_and_shut_down(share.socket) & VIRTIO_F_VERSION_1
     await new_pid(new_daemon, share, [serving, successor])
-
-
-def child_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in children.read_text().split()] if children.exists() else []
 
 
 async def test_a_crash_loop_backs_off_and_logs_its_reason_once(

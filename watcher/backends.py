@@ -15,7 +15,9 @@ connection, and must not leave runaways either.
 
 * Each virtiofsd runs in its own session without PR_SET_PDEATHSIG, so a daemon exit or crash does
   not kill it. ``close()`` (daemon stop) kills and unlinks nothing: a virtiofsd waiting in accept()
-  still holds the listener, so a VM that connects while the daemon is down is still served.
+  still holds the listener, so a VM that connects while the daemon is down is still served. (One
+  that serves has closed its copy after accept(), observed: a VM that reboots while the daemon is
+  down gets ECONNREFUSED and retries for 60 s, until the restarted daemon binds a fresh listener.)
 * ``<runtime_dir>/<vm>/<tag>.json`` records the virtiofsd's pid and start time. ``ensure()`` in
   the next daemon adopts a live process with the same start time (a pid alone may have been
   reused): it does not unlink or rebind while that process lives, and watches it with a pidfd,
