@@ -39,6 +39,10 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+async def includes(values: Awaitable[list[str]], wanted: str) -> bool:
+    return wanted in await values
+
+
 class Host:
     """A simulated CH host in a temp folder: API sockets in ch/, backends in vfs/.
 
@@ -63,6 +67,9 @@ class Host:
     def api_socket(self, vm: str) -> str:
         return self.api_pattern.replace("{vm}", vm)
 
+    def managed_socket(self, vm: str, tag: str) -> str:
+        return str(self.root / "run" / vm / f"{tag}.sock")
+
     def backend_socket(self, vm: str, tag: str) -> str:
         return str(self.vfs_dir / f"{vm}-{tag}.sock")
 
@@ -74,6 +81,8 @@ class Host:
         extra: str = "",
         share_options: str = "",
         retry_extra: str = "",
+        backend_extra: str = "",
+        managed: dict[str, list[tuple[str, str]]] | None = None,
     ) -> None:
         """Write mounts.toml atomically (like config management would)."""
         lines = [
@@ -84,14 +93,21 @@ class Host:
             "initial_delay = 0.05",
             "max_delay = 0.5",
             retry_extra,
+            "[backend]",
+            f'runtime_dir = "{self.root / "run"}"',
+            backend_extra,
         ]
-        for vm, tags in vms.items():
+        for vm in {**vms, **(managed or {})}:
             lines.append(f"[vm.{vm}]")
-            shares = ", ".join(
+            shares = [
                 f'{{ tag = "{tag}", socket = "{self.backend_socket(vm, tag)}"{share_options} }}'
-                for tag in tags
-            )
-            lines.append(f"fs = [{shares}]")
+                for tag in vms.get(vm, [])
+            ]
+            shares += [
+                f'{{ tag = "{tag}", shared_dir = "{folder}" }}'
+                for tag, folder in (managed or {}).get(vm, [])
+            ]
+            lines.append(f"fs = [{', '.join(shares)}]")
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.rename(self.config)

@@ -15,12 +15,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 
-from tests.support import Host, eventually
+from tests.support import Host, eventually, includes
 from watcher import unixhttp
 from watcher.testing.processes import BackendProcess, DoubleProcess
 
@@ -213,7 +212,7 @@ async def test_vm_created_later_is_attached_once_booted(host: Host) -> None:
     booted = await unixhttp.request(api, "PUT", "/api/v1/vm.boot", timeout=30)
     assert booted.status == 204
     await eventually(
-        lambda: _contains(double.call("backends"), "cocoon-fs-data"), "backend connected at boot"
+        lambda: includes(double.call("backends"), "cocoon-fs-data"), "backend connected at boot"
     )
 
 
@@ -243,10 +242,6 @@ async def test_real_virtiofsd_backend(host: Host) -> None:
         lock = "/run/virtiofsd/" + host.backend_socket("web01", "data").replace("/", ".") + ".pid"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
-
-
-async def _contains(values: Awaitable[list[str]], wanted: str) -> bool:
-    return wanted in await values
 
 
 async def run_once(host: Host) -> tuple[int, str]:

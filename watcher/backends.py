@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 from .backends_files import SharePaths, read_registration, registrations, unlink_socket
 from .backends_process import BackendProcess, terminate
@@ -64,8 +65,16 @@ log = logging.getLogger("watcher.backends")
 class BackendSupervisor:
     """Keeps one virtiofsd waiting or serving on each managed share's socket."""
 
-    def __init__(self, settings: BackendSettings, timing: BackendTiming | None = None) -> None:
+    def __init__(
+        self,
+        settings: BackendSettings,
+        timing: BackendTiming | None = None,
+        on_state_change: Callable[[Share], None] = lambda share: None,
+    ) -> None:
+        """`on_state_change(share)` is called (from the loop) whenever a share's
+        virtiofsd changes state, e.g. from starting to listening."""
         self._settings = settings
+        self._on_state_change = on_state_change
         self._timing = timing or BackendTiming()
         self._backends: dict[str, ShareBackend] = {}
         self._failed: dict[str, BackendStatus] = {}
@@ -194,7 +203,9 @@ class BackendSupervisor:
             await terminate(adopted, self._timing.stop_timeout, **_ids(share))
             unlink_socket(record.socket)
             adopted = None
-        backend = ShareBackend(share, argv, paths, self._timing, self._throttle)
+        backend = ShareBackend(
+            share, argv, paths, self._timing, self._throttle, self._on_state_change
+        )
         try:
             backend.open(adopted)
         except OSError as err:

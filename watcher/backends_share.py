@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,7 +87,10 @@ class ShareBackend:
         paths: SharePaths,
         timing: BackendTiming,
         throttle: FailureThrottle,
+        on_state: Callable[[Share], None] = lambda share: None,
     ) -> None:
+        self._on_state = on_state
+        self._state: BackendState = "starting"
         self.share = share
         self.argv = argv  # both replaced when the configuration changes; used at the next start
         self.paths = paths
@@ -95,7 +99,6 @@ class ShareBackend:
         self.output: OutputFifo | None = None
         self.listener: socket.socket | None = None
         self.process: BackendProcess | None = None
-        self.state: BackendState = "starting"
         self.runs = 0
         self.last_exit: str | None = None
         self.last_error: str | None = None
@@ -104,6 +107,17 @@ class ShareBackend:
         self._run_lines: deque[str] = deque(maxlen=64)
         self._repeat_lines: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    @state.setter
+    def state(self, value: BackendState) -> None:
+        """Every change is reported: whether CH may be pointed at the socket depends on it."""
+        if value != self._state:
+            self._state = value
+            self._on_state(self.share)
 
     def open(self, adopted: BackendProcess | None) -> None:
         """Open the FIFO and the listener (or watch ``adopted``, which holds its own), and start.

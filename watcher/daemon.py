@@ -20,9 +20,11 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from .config import DROP_IN_DIR, Config
+from .backends import BackendError, BackendSupervisor
+from .config import DROP_IN_DIR, Config, Share
 from .inotify import FsEvent, FsEventKind, InotifyWatcher
 from .logs import FailureThrottle, kv
 from .reconciler import VmSettings, VmWorker, is_socket
@@ -55,6 +57,9 @@ class Daemon:
         self._workers: dict[str, tuple[VmWorker, asyncio.Task[None]]] = {}
         self._backend_users: dict[str, set[str]] = defaultdict(set)
         self._watcher = InotifyWatcher(self._on_fs_event)
+        self._backends = BackendSupervisor(config.backend, on_state_change=self._backend_changed)
+        self._release_after_detach: dict[tuple[str, str], Share] = {}
+        self._jobs: set[asyncio.Task[Any]] = set()
         self._index_backends()
 
     # ---- lifecycle --------------------------------------------------------
@@ -63,6 +68,7 @@ class Daemon:
         """Arm the watches (each scans what already exists), then look at every VM."""
         self._watcher.start(asyncio.get_running_loop())
         self._arm_watches()
+        self._background(self._sync_backends())
         self.rescan()
 
     def apply_config(self, new: Config) -> None:
@@ -76,21 +82,29 @@ class Daemon:
         """
         old = self.config
         self.config = new
+        if old.backend != new.backend:
+            log.warning(kv("[backend] changes apply after a restart of the daemon"))
+        self._retire_managed_shares(old, new)
         for name in list(self._workers):
             if self._vm_settings_changed(old, new, name):
                 self._cancel(name)
         self._index_backends()
         self._arm_watches()
+        self._background(self._sync_backends())
         self.rescan()
 
     async def stop(self) -> None:
-        """Cancel every VM task and close the watcher; safe mid-backoff or mid-request."""
+        """Cancel every VM task and close the watcher; safe mid-backoff or mid-request.
+
+        Managed virtiofsd processes are left running for their VMs (backends.py):
+        the next daemon adopts them."""
         self._watcher.close()
-        tasks = [task for _, task in self._workers.values()]
+        tasks = [task for _, task in self._workers.values()] + list(self._jobs)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._workers.clear()
+        await self._backends.close()
 
     def statuses(self) -> list[VmStatus]:
         """Every configured VM, running or not, in config order."""
@@ -154,6 +168,8 @@ class Daemon:
             limiter=self._limiter,
             on_change=self._on_change,
             throttle=self._throttle,
+            backends=self._backends,
+            on_detached=self._detached,
         )
         task = asyncio.create_task(worker.run(), name=f"vm:{name}")
         task.add_done_callback(lambda t: self._worker_done(name, t))
@@ -163,6 +179,10 @@ class Daemon:
     def _cancel(self, name: str) -> None:
         _, task = self._workers.pop(name)
         task.cancel()
+        if self.config.backend.start == "on-demand" and name in self.config.vms:
+            for share in self.config.vms[name]:
+                if share.managed:
+                    self._background(self._backends.release(share))
         self._on_change()
 
     def _worker_done(self, name: str, task: asyncio.Task[None]) -> None:
@@ -175,6 +195,77 @@ class Daemon:
         with contextlib.suppress(KeyError):
             if self._workers[name][1] is task:
                 del self._workers[name]
+
+    # ---- managed backends -------------------------------------------------
+
+    async def _sync_backends(self) -> None:
+        """Start (or adopt) a virtiofsd for every managed share when [backend] start
+        is "always", so a VM started by other tools finds its backend at boot; with
+        pruning, stop the ones an earlier daemon left for shares no longer configured."""
+        managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
+        if self.config.watch.prune:
+            keep = {(s.vm, s.tag) for s in managed}
+            keep |= {(s.vm, s.tag) for s in self._release_after_detach.values()}
+            await self._backends.release_stale(keep)
+        if self.config.backend.start == "always":
+            await asyncio.gather(*(self._ensure_backend(share) for share in managed))
+
+    async def _ensure_backend(self, share: Share) -> None:
+        try:
+            await self._backends.ensure(share)
+        except BackendError as exc:
+            log.error(
+                kv(
+                    "backend failed",
+                    vm=share.vm,
+                    tag=share.tag,
+                    reason=exc,
+                    fix="fix the share or [backend] in the config",
+                )
+            )
+
+    def _retire_managed_shares(self, old: Config, new: Config) -> None:
+        """Managed shares gone from the config: with prune, stop their virtiofsd once
+        the device is detached (at once if the VM is not running); without prune
+        the device stays attached, so its virtiofsd keeps running."""
+        kept = {(s.vm, s.tag) for shares in new.vms.values() for s in shares}
+        for shares in old.vms.values():
+            for share in shares:
+                if not share.managed or (share.vm, share.tag) in kept:
+                    continue
+                if not new.watch.prune:
+                    log.info(
+                        kv(
+                            "virtiofsd kept for a share no longer managed",
+                            vm=share.vm,
+                            tag=share.tag,
+                        )
+                    )
+                elif share.vm in self._workers:
+                    self._release_after_detach[(share.vm, share.device_id)] = share
+                else:
+                    self._background(self._backends.release(share))
+
+    def _backend_changed(self, share: Share) -> None:
+        running = self._workers.get(share.vm)
+        if running is not None:
+            running[0].poke()
+
+    def _detached(self, vm: str, device_id: str) -> None:
+        share = self._release_after_detach.pop((vm, device_id), None)
+        if share is not None:
+            self._background(self._backends.release(share))
+
+    def _background(self, job: Coroutine[Any, Any, object]) -> None:
+        """Run backend work beside the VM tasks; stop() cancels what is left."""
+        task = asyncio.create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(kv("backend job crashed"), exc_info=task.exception())
 
     # ---- helpers ----------------------------------------------------------
 

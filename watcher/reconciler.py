@@ -45,6 +45,7 @@ from tenacity.stop import StopBaseT
 
 from . import plan
 from .answers import FIXES, Kind, is_retryable
+from .backends import BackendError, BackendSupervisor
 from .chclient import ApiError, BadAnswer, ChClient, NotCloudHypervisor
 from .config import RetrySettings, Share
 from .logs import FailureThrottle, kv
@@ -102,6 +103,8 @@ class VmWorker:
         limiter: AbstractAsyncContextManager[Any] | None = None,
         on_change: Callable[[], None] = lambda: None,
         throttle: FailureThrottle | None = None,
+        backends: BackendSupervisor | None = None,
+        on_detached: Callable[[str, str], None] = lambda vm, device_id: None,
     ) -> None:
         self.name = name
         self.shares = tuple(shares)
@@ -111,6 +114,8 @@ class VmWorker:
         for share in self.shares:
             self.status.shares[share.tag] = ShareStatus(tag=share.tag, device_id=share.device_id)
         self._on_change = on_change
+        self._on_detached = on_detached
+        self._backends = backends
         self._throttle = throttle or FailureThrottle()
         self._poked = asyncio.Event()
         self._pid: int | None = None
@@ -214,12 +219,13 @@ class VmWorker:
             info = await self.client.info()
             self.status.vm_state = info.state
             self.status.detail = ""
+            await self._ensure_managed_backends()
             steps = plan.plan_vm(
                 self.shares,
                 info,
                 device_id_prefix=self.settings.device_id_prefix,
                 prune=self.settings.prune,
-                present_backends={s.socket for s in self.shares if is_socket(s.socket)},
+                present_backends={s.socket for s in self.shares if self._backend_ready(s)},
             )
             pending = [reason for step in steps if (reason := await self._apply(step))]
         except ApiError as exc:
@@ -233,6 +239,33 @@ class VmWorker:
             self._on_change()
         if pending:
             raise _RetryPass("; ".join(pending))
+
+    async def _ensure_managed_backends(self) -> None:
+        """Managed shares get their virtiofsd before planning (idempotent; with
+        [backend] start = "always" the daemon has done it already)."""
+        if self._backends is None:
+            return
+        for share in self.shares:
+            if not share.managed or share.device_id in self._blocked:
+                continue
+            try:
+                await self._backends.ensure(share)
+            except BackendError as exc:
+                fix = "fix the share or [backend] in the config"
+                self._blocked[share.device_id] = str(exc)
+                self._set_for(share, ShareState.FAILED, f"virtiofsd: {exc}", fix=fix)
+                log.error(kv("backend failed", vm=self.name, tag=share.tag, reason=exc, fix=fix))
+
+    def _backend_ready(self, share: Share) -> bool:
+        """The socket exists; for a managed share, also its virtiofsd has reached
+        accept() (or was adopted): a CH connect queued on a listener that no
+        virtiofsd will serve, say one that crash-loops, stalls CH's API (§7)."""
+        if not is_socket(share.socket):
+            return False
+        if not share.managed or self._backends is None:
+            return True
+        status = self._backends.status(share.socket)
+        return status is not None and status.state in ("listening", "serving", "adopted")
 
     async def _identify(self) -> None:
         """vmm.ping: is this CH, which process, and is anyone listening at all.
@@ -274,6 +307,18 @@ class VmWorker:
             case plan.Satisfied(share):
                 self._attached(share, already=True)
             case plan.WaitBackend(share):
+                if share.device_id in self._blocked:
+                    return None
+                if share.managed and self._backends is not None:
+                    # The daemon pokes us when this virtiofsd changes state.
+                    status = self._backends.status(share.socket)
+                    why = status.last_error if status is not None else None
+                    self._set_for(
+                        share,
+                        ShareState.WAITING_BACKEND,
+                        f"virtiofsd not ready: {why or 'starting'}",
+                    )
+                    return None
                 self._set_for(
                     share, ShareState.WAITING_BACKEND, f"waiting for backend socket {share.socket}"
                 )
@@ -362,6 +407,7 @@ class VmWorker:
             log.warning(kv("detach failed", vm=self.name, id=device_id, reason=exc.answer.reason))
             return f"detach {device_id}: {exc.answer.reason}"
         log.info(kv("detached", vm=self.name, id=device_id, reason="removed from the config"))
+        self._on_detached(self.name, device_id)
         return None
 
     # ---- status bookkeeping ---------------------------------------------
