@@ -160,3 +160,37 @@ async def test_daemon_restart_keeps_the_live_connection(managed_host: Host) -> N
     # The adopted virtiofsd ends with the next reboot; the new daemon serves the reconnect.
     assert await double.call("guest-reboot") is True
     assert await double.call("backends") == ["cocoon-fs-data"]
+
+
+async def test_pruned_managed_share_is_detached_then_its_virtiofsd_stopped(
+    managed_host: Host,
+) -> None:
+    host = managed_host
+    data = host.root / "export"
+    data.mkdir()
+    host.write_config({}, extra="prune = true", managed={"web01": [("data", str(data))]})
+    daemon = await host.start_daemon()
+    double = await host.start_double("web01", "--eject", "auto")
+    await wait_attached(double, "cocoon-fs-data")
+    host.write_config({"web01": []}, extra="prune = true")
+    await daemon.wait_for(r"detached vm=web01 id=cocoon-fs-data")
+    await daemon.wait_for(r"virtiofsd released vm=web01 tag=data")
+    await eventually(lambda: virtiofsd_pids(host.root) == [], "its virtiofsd stopped")
+    assert not os.path.exists(host.managed_socket("web01", "data"))
+
+
+async def test_on_demand_starts_virtiofsd_with_the_vm(managed_host: Host) -> None:
+    host = managed_host
+    data = host.root / "export"
+    data.mkdir()
+    host.write_config(
+        {}, backend_extra='start = "on-demand"', managed={"web01": [("data", str(data))]}
+    )
+    daemon = await host.start_daemon()
+    await daemon.wait_for("ready ")
+    assert virtiofsd_pids(host.root) == []  # no VM, no virtiofsd
+    double = await host.start_double("web01")
+    await wait_attached(double, "cocoon-fs-data")
+    assert len(virtiofsd_pids(host.root)) == 1
+    await double.stop()  # clean CH exit: the API socket goes away
+    await eventually(lambda: virtiofsd_pids(host.root) == [], "virtiofsd stopped with the VM")
