@@ -1,7 +1,11 @@
 """The state file (statusfile) and what `status` shows from it (statusview).
 
 The document is written atomically into real tmp_path folders; the view's
-"not running" verdict is checked against a real, reaped child pid.
+"not running" verdict is checked against a real, reaped child pid, and its
+"stale" verdict against this test's own (live) pid.
+
+Socket states the daemon may not produce yet ("checking") are set in the
+document directly: the view reads strings, not SocketState.
 """
 
 from __future__ import annotations
@@ -326,8 +330,50 @@ def test_human_view_header_vm_line_and_unmanaged_devices() -> None:
 def test_human_view_lists_config_problems_and_no_vms() -> None:
     document = render(valid=False, problems=("mounts.toml:3:1: Invalid value",))
     lines = statusview.human(document, now=NOW).splitlines()
-    assert "INVALID (1 problems)" in lines[0]
+    assert lines[0].endswith("INVALID (1 problem) (1 file)")
     assert lines[1:] == ["  mounts.toml:3:1: Invalid value", "no VMs configured"]
+
+
+def test_human_view_header_counts_in_the_plural() -> None:
+    document = render(valid=False, problems=("a.toml:1:1: bad", "b.toml:2:1: bad"))
+    document["config"]["files"] = ["a.toml", "b.toml"]
+    header = statusview.human(document, now=NOW).splitlines()[0]
+    assert header.endswith("INVALID (2 problems) (2 files)")
+
+
+def with_socket(document: Document, socket_state: str) -> Document:
+    for vm in document["vms"]:
+        vm["socket"] = socket_state
+    return document
+
+
+def vm_line(document: Document) -> str:
+    return statusview.human(document, now=NOW).splitlines()[1]
+
+
+def test_human_view_says_when_ch_answers_but_has_no_vm() -> None:
+    """CH listens before it creates its VM (or waits for vm.create): vm.info has no state."""
+    vm = VmStatus(
+        name="web01",
+        api_socket="/run/ch/web01.sock",
+        socket=SocketState.LIVE,
+        ch_version="53.0.0",
+        ch_pid=4321,
+    )
+    assert vm_line(render(vm)) == "web01  socket live, CH 53.0.0, pid 4321, VM not created"
+
+
+@pytest.mark.parametrize(
+    ("socket_state", "expected"),
+    [
+        ("checking", "web01  socket checking"),
+        ("absent", "web01  socket absent"),
+        ("stale", "web01  socket stale"),
+    ],
+)
+def test_human_view_claims_no_vm_state_before_ch_answers(socket_state: str, expected: str) -> None:
+    vm = VmStatus(name="web01", api_socket="/run/ch/web01.sock")
+    assert vm_line(with_socket(render(vm), socket_state)) == expected
 
 
 def live(*states: ShareState, socket_state: SocketState = SocketState.LIVE) -> VmStatus:
@@ -348,6 +394,8 @@ def live(*states: ShareState, socket_state: SocketState = SocketState.LIVE) -> V
         (render(live(ShareState.PENDING, socket_state=SocketState.ABSENT)), 0),
         (render(live(ShareState.PENDING, socket_state=SocketState.STALE)), 0),
         (render(live(ShareState.ATTACHED), valid=False, problems=("x",)), 1),
+        (with_socket(render(live(ShareState.PENDING)), "checking"), 1),
+        (with_socket(render(live()), "checking"), 1),
     ],
     ids=[
         "no-vms",
@@ -358,6 +406,8 @@ def live(*states: ShareState, socket_state: SocketState = SocketState.LIVE) -> V
         "vm-not-running",
         "stale-socket",
         "config-invalid",
+        "checking",
+        "checking-no-shares",
     ],
 )
 def test_exit_code(document: Document, code: int) -> None:
@@ -393,6 +443,41 @@ def test_state_left_by_a_dead_daemon_is_reported_as_not_running(
     written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(document["updated"]))
     assert err.strip() == (
         f"virtiofs-reattach is not running (state file from {written} left by pid {dead_pid})"
+    )
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_state_from_a_live_daemon_that_stopped_writing_is_reported_as_stale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], json_output: bool
+) -> None:
+    """A SIGSTOPped or stuck daemon keeps its pid: only the missed heartbeats show it."""
+    document = render(live(ShareState.ATTACHED))
+    assert document["pid"] == os.getpid()
+    document["updated"] = time.time() - 3 * statusfile.HEARTBEAT - 60
+    path = str(tmp_path / "state.json")
+    assert statusfile.write(path, document)
+
+    assert statusview.show(path, json_output=json_output) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("state is stale: last written ")
+    age = int(err.split("last written ")[1].split("s ago")[0])
+    assert age >= 3 * statusfile.HEARTBEAT + 60
+    assert err.strip().endswith(
+        f"s ago by pid {os.getpid()};"
+        " the daemon may be hung (check journalctl -u virtiofs-reattach)"
+    )
+
+
+def test_stale_means_older_than_three_heartbeats() -> None:
+    document = render()
+    document["pid"] = 812
+    limit = 3 * statusfile.HEARTBEAT
+    assert statusview.stale(document, now=document["updated"] + limit) is None
+    assert statusview.stale(document, now=document["updated"] - 5) is None  # clock stepped back
+    assert statusview.stale(document, now=document["updated"] + limit + 1.5) == (
+        f"state is stale: last written {int(limit + 1.5)}s ago by pid 812;"
+        " the daemon may be hung (check journalctl -u virtiofs-reattach)"
     )
 
 

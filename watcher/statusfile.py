@@ -12,6 +12,14 @@ one, never half of one. Same folder because a rename across file systems is
 not atomic. The default folder is systemd's `RuntimeDirectory=` (tmpfs, so
 the fsync costs nothing and the file disappears at reboot, as a pid should).
 
+Why a heartbeat: a live pid does not mean a working daemon. A daemon that
+is stopped (SIGSTOP) or stuck keeps its pid and its last document, and a
+quiet daemon writes nothing because nothing changed; from the file alone the
+two look the same. So the daemon rewrites the document at least every
+`HEARTBEAT` seconds even without a change, and a reader that finds `updated`
+much older than that knows the writer has stopped working (or can no
+longer write; its log says which).
+
 A failed write is logged once (until a write succeeds again) and never
 raised: the daemon's job is attaching shares, and a full or read-only /run
 must not stop that.
@@ -21,7 +29,8 @@ Document, version 1 (the README carries the same text)::
     {
       "version": 1,                  # bumped when a key is removed or changes meaning
       "pid": 812,                    # the daemon that wrote it
-      "updated": 1767225600.25,      # unix time of this write
+      "updated": 1767225600.25,      # unix time of this write; at most HEARTBEAT (30 s) old
+                                     # while the daemon works
       "config": {
         "path": "/etc/virtiofs-reattach/mounts.toml",
         "files": ["/etc/virtiofs-reattach/mounts.toml", ".../mounts.d/web.toml"],
@@ -32,7 +41,8 @@ Document, version 1 (the README carries the same text)::
         {
           "name": "web01",
           "api_socket": "/run/cloud-hypervisor/web01.sock",
-          "socket": "live",          # absent | stale | live | not-ch | unreachable
+          "socket": "live",          # absent | checking | stale | live | not-ch | unreachable
+                                     # (checking: the file exists, CH has not answered yet)
           "ch_version": "53.0.0",    # vmm.ping's version, null until CH answered
           "ch_pid": 4321,            # null until CH answered
           "vm_state": "Running",     # CH's vm.info state, null until known
@@ -78,6 +88,13 @@ log = logging.getLogger("watcher.statusfile")
 
 VERSION = 1
 DEFAULT_PATH = os.path.join(DEFAULT_RUNTIME_DIR, "state.json")
+
+HEARTBEAT = 30.0
+"""Longest time, in seconds, between two writes of a working daemon, changes or not.
+
+A rewrite on tmpfs costs a memory copy, so the period only has to be short
+next to how long a person or a monitoring check tolerates not knowing that
+the daemon hangs; readers allow a few periods before calling it stale."""
 
 FOLDER_MODE = 0o755
 FILE_MODE = 0o644

@@ -4,14 +4,19 @@ The view trusts nothing it cannot check. The state file outlives the daemon
 on purpose (RuntimeDirectoryPreserve=yes), so before showing anything the
 view asks the kernel whether the pid that wrote it still exists; a dead
 writer means every "attached" in the file may be history, and the only
-honest answer is "not running" with exit code 1.
+honest answer is "not running" with exit code 1. A live pid is not enough
+either: a stopped (SIGSTOP) or stuck daemon keeps its pid and its last
+document, so a document older than a few of the daemon's heartbeats is
+reported as stale, exit 1, instead of being shown as current. The same check
+catches a pid the kernel has since given to another process.
 
 Exit codes, part of the interface like `once`'s: 0 when the config is valid
 and every share of every VM whose API socket is live is attached; 1
-otherwise, including daemon not running and unreadable state. A VM that is
-not running does not count against the daemon: there is nothing to attach
-to. Messages about the file or the daemon go to stderr, so stdout carries
-only the requested format and `--json` output always parses.
+otherwise, including daemon not running or hung, unreadable state, and a VM
+whose socket is still being checked. A VM that is not running does not count
+against the daemon: there is nothing to attach to. Messages about the file
+or the daemon go to stderr, so stdout carries only the requested format and
+`--json` output always parses.
 """
 
 from __future__ import annotations
@@ -22,9 +27,22 @@ import sys
 import time
 from collections.abc import Callable
 
-from .statusfile import Document, ShareDoc, StatusFileError, StatusFileMissing, VmDoc, read
+from .statusfile import (
+    HEARTBEAT,
+    Document,
+    ShareDoc,
+    StatusFileError,
+    StatusFileMissing,
+    VmDoc,
+    read,
+)
 
 STATE_WIDTH = len("waiting-backend")
+
+STALE_AFTER = 3 * HEARTBEAT
+"""Three missed heartbeats, not one: a write waits for the event loop and a
+worker thread, and a loaded host delays both; a false "hung" would teach
+people to ignore the message."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,10 +67,34 @@ def not_running(document: Document, is_alive: Callable[[int], bool] = pid_alive)
     return f"virtiofs-reattach is not running (state file from {written} left by pid {pid})"
 
 
+def stale(document: Document, *, now: float) -> str | None:
+    """The verdict when the (live) writer of `document` has stopped rewriting it, else None.
+
+    Wall-clock times, because `updated` must mean something to another
+    process: a clock stepped forward can make a working daemon look stale
+    until its next heartbeat, which is the cheaper mistake.
+    """
+    age = now - document["updated"]
+    if age <= STALE_AFTER:
+        return None
+    return (
+        f"state is stale: last written {int(age)}s ago by pid {document['pid']};"
+        " the daemon may be hung (check journalctl -u virtiofs-reattach)"
+    )
+
+
 def exit_code(document: Document) -> int:
+    """1 unless the config is valid and every running VM has all its shares attached.
+
+    A "checking" socket exists but its CH has not answered yet: the VM is
+    probably running, and nothing about its shares is known, so it is not
+    healthy yet.
+    """
     if not document["config"]["valid"]:
         return 1
     for vm in document["vms"]:
+        if vm["socket"] == "checking":
+            return 1
         if vm["socket"] == "live" and any(s["state"] != "attached" for s in vm["shares"]):
             return 1
     return 0
@@ -70,11 +112,13 @@ def human(document: Document, *, now: float) -> str:
     checking on a stuck share wants to know.
     """
     config = document["config"]
-    files = len(config["files"])
-    verdict = "valid" if config["valid"] else f"INVALID ({len(config['problems'])} problems)"
+    files = _count(len(config["files"]), "file")
+    verdict = (
+        "valid" if config["valid"] else f"INVALID ({_count(len(config['problems']), 'problem')})"
+    )
     lines = [
         f"virtiofs-reattach pid {document['pid']}, updated {_span(now - document['updated'])} ago;"
-        f" config {config['path']} {verdict} ({files} file{'s' if files != 1 else ''})"
+        f" config {config['path']} {verdict} ({files})"
     ]
     lines.extend(f"  {problem}" for problem in config["problems"])
     vms = document["vms"]
@@ -108,6 +152,11 @@ def _vm_summary(vm: VmDoc) -> str:
         parts.append(f"pid {vm['ch_pid']}")
     if vm["vm_state"] is not None:
         parts.append(f"VM {vm['vm_state']}")
+    elif vm["socket"] == "live":
+        # CH listens before it creates its VM, and one started without a VM
+        # config waits for vm.create forever; vm.info says "VM is not
+        # created" meanwhile (cloud-hypervisor-api.md §6).
+        parts.append("VM not created")
     summary = ", ".join(parts)
     return f"{summary}: {vm['detail']}" if vm["detail"] else summary
 
@@ -126,6 +175,10 @@ def _share_detail(share: ShareDoc, now: float) -> str:
     return text
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _span(seconds: float) -> str:
     """Compact duration: 42s, 3m, 5h, 2d, truncated. Negative (a clock step) shows as 0s."""
     seconds = max(0, int(seconds))
@@ -138,7 +191,7 @@ def _span(seconds: float) -> str:
 def show(
     path: str, *, json_output: bool = False, is_alive: Callable[[int], bool] = pid_alive
 ) -> int:
-    """Everything `status` does: read, check the writer is alive, print, return the exit code."""
+    """Everything `status` does: read, check the writer is alive and working, print, exit code."""
     try:
         document = read(path)
     except StatusFileMissing:
@@ -151,9 +204,10 @@ def show(
     except StatusFileError as err:
         print(err, file=sys.stderr)
         return 1
-    verdict = not_running(document, is_alive)
+    now = time.time()
+    verdict = not_running(document, is_alive) or stale(document, now=now)
     if verdict is not None:
         print(verdict, file=sys.stderr)
         return 1
-    sys.stdout.write(as_json(document) if json_output else human(document, now=time.time()))
+    sys.stdout.write(as_json(document) if json_output else human(document, now=now))
     return exit_code(document)
