@@ -12,7 +12,11 @@ library later is a local change:
 * One non-UTF-8 file name makes ``read_events()`` raise ``UnicodeDecodeError``
   and the rest of that batch is lost; ``IN_Q_OVERFLOW`` means the kernel itself
   dropped events. Both become a RESCAN event followed by a full re-arm and
-  re-scan, because nothing less tells the consumer the truth.
+  re-scan, because nothing less tells the consumer the truth. The RESCAN is
+  coalesced (one per burst, a moment after its first loss) and the warning
+  throttled: 3000 such names created and deleted gave 119 RESCANs and ~340
+  warnings when each read batch had its own, and every RESCAN makes the daemon
+  ping each VM's CH, so any process writing such names could load them all.
 * ``add_watch`` is quiet by default (a negative wd and a log line, so running
   out of watches looks like a missing directory); here it raises, and ENOSPC is
   logged once and retried on a timer rather than losing the watch.
@@ -36,10 +40,13 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyinotify
+
+from .logs import FailureThrottle
 
 log = logging.getLogger("watcher.inotify")
 
@@ -66,6 +73,12 @@ _MASK = (
 )
 
 _RETRY_AFTER_ENOSPC_S = 10.0
+
+# A burst of lost events (one per read batch) waits this long for the rest of
+# the burst, so it ends in one RESCAN; a sustained stream of them gets at most
+# one RESCAN per _RESCAN_MIN_INTERVAL_S.
+_RESCAN_DELAY_S = 0.1
+_RESCAN_MIN_INTERVAL_S = 1.0
 
 # pyinotify reports the errno of a failed add_watch only inside the message:
 # "add_watch: cannot watch PATH WD=-1, Errno=No such file or directory (ENOENT)".
@@ -122,7 +135,9 @@ class InotifyWatcher:
         self._roots: dict[str, int] = {}  # watched directory -> depth
         self._dirs: dict[int, str] = {}  # wd -> directory, for every watch this module uses
         self._wds: dict[str, int] = {}  # the reverse
-        self._rescan_pending = False
+        self._rescan_handle: asyncio.TimerHandle | None = None
+        self._last_rescan_at: float | None = None  # time.monotonic()
+        self._warnings = FailureThrottle()
         self._retry_paths: set[str] = set()
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_AFTER_ENOSPC_S
@@ -169,6 +184,9 @@ class InotifyWatcher:
         if self._closed:
             return
         self._closed = True
+        if self._rescan_handle is not None:
+            self._rescan_handle.cancel()
+            self._rescan_handle = None
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None
@@ -181,22 +199,28 @@ class InotifyWatcher:
     def _on_readable(self) -> None:
         try:
             self._notifier.read_events()
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as err:
             # pyinotify decodes names as strict UTF-8; the events before the bad
             # name were queued, the bad one and the rest of the batch are lost.
-            log.warning("a watched directory has a non-UTF-8 name: events were lost, rescanning")
-            self._rescan_pending = True
+            # err.object is the raw name, NUL-padded by the kernel.
+            self._warn_throttled(
+                "undecodable-name",
+                "a name in a watched folder is not valid UTF-8 (%r): pyinotify cannot decode "
+                "it, so the rest of its batch of events was lost and the folders are rescanned",
+                err.object.rstrip(b"\0"),
+            )
+            self._schedule_rescan()
         self._notifier.process_events()
-        if self._rescan_pending:
-            self._rescan_pending = False
-            self._rescan_all()
 
     def _on_pyinotify_event(self, event: pyinotify.Event) -> None:
         mask: int = event.mask
         if mask & pyinotify.IN_Q_OVERFLOW:
             # wd -1, no .path: only this default handler ever sees it (§1).
-            log.warning("the inotify queue overflowed: events were lost, rescanning")
-            self._rescan_pending = True
+            self._warn_throttled(
+                "queue-overflow",
+                "the inotify queue overflowed: events were lost, the folders are rescanned",
+            )
+            self._schedule_rescan()
             return
         directory = self._dirs.get(event.wd)
         if directory is None:
@@ -248,14 +272,45 @@ class InotifyWatcher:
             if _levels_below(watched, path) is not None:
                 self._forget(wd)
         if path in self._roots or (in_tree and not children_reported):
-            self._rescan_pending = True  # re-arms every root, this one included
+            self._schedule_rescan()  # re-arms every root, this one included
         elif any(root not in self._wds for root in self._roots):
             for root in self._roots:
                 if root not in self._wds:
                     self._arm_root(root)
             self._drop_unused_watches()
 
+    def _warn_throttled(self, key: str, message: str, *args: object) -> None:
+        """Log the first warning of a kind, then one a minute with a count of those held back.
+
+        Any process that can write in a watched folder can make these happen
+        in a loop; the key alone is the signature, so varying names do not
+        defeat the throttle.
+        """
+        held_back = self._warnings.admit(key, key, time.monotonic())
+        if held_back is None:
+            return
+        if held_back:
+            log.warning(message + " (%d more since the last report)", *args, held_back)
+        else:
+            log.warning(message, *args)
+
+    def _schedule_rescan(self) -> None:
+        """Rescan soon, once for however many losses come before it.
+
+        Nothing already read is held back: the events that still arrive are
+        reported at once, and the RESCAN that follows supersedes them.
+        """
+        if self._rescan_handle is not None or self._loop is None:
+            return
+        delay = _RESCAN_DELAY_S
+        if self._last_rescan_at is not None:
+            next_allowed = self._last_rescan_at + _RESCAN_MIN_INTERVAL_S
+            delay = max(delay, next_allowed - time.monotonic())
+        self._rescan_handle = self._loop.call_later(delay, self._rescan_all)
+
     def _rescan_all(self) -> None:
+        self._rescan_handle = None
+        self._last_rescan_at = time.monotonic()
         self._emit(FsEventKind.RESCAN, "")
         # Start from nothing: re-adding a watch that still exists returns its
         # wd, and whatever is not re-added is dropped afterwards.
@@ -307,7 +362,11 @@ class InotifyWatcher:
             return armed
         for entry in entries:
             if not _encodable(entry.path):
-                log.warning("skipping %r: pyinotify needs names valid in UTF-8", entry.path)
+                self._warn_throttled(
+                    "unencodable-path",
+                    "skipping %r: pyinotify needs names valid in UTF-8",
+                    entry.path,
+                )
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
@@ -322,7 +381,9 @@ class InotifyWatcher:
     def _add_watch(self, directory: str) -> _Armed:
         if not _encodable(directory):
             # pyinotify would raise UnicodeEncodeError from deep inside (#201).
-            log.warning("skipping %r: pyinotify needs names valid in UTF-8", directory)
+            self._warn_throttled(
+                "unencodable-path", "skipping %r: pyinotify needs names valid in UTF-8", directory
+            )
             return _Armed.FAILED
         try:
             # str(), never a pathlib object: add_watch(Path) silently watches nothing (#187).
