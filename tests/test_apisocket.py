@@ -155,6 +155,12 @@ def test_vm_for_with_prefix_in_the_component() -> None:
             "(only {vm} is supported)",
         ),
         (
+            "/run/ch/{vm}\x00.sock",
+            '"/run/ch/{vm}\\u0000.sock" contains the control character U+0000 (remove it; '
+            "in a double-quoted TOML string a backslash starts an escape, "
+            "so write \\\\ for a backslash or use single quotes)",
+        ),
+        (
             "/run/{VM}.sock",
             '"/run/{VM}.sock" has no {vm} placeholder (put {vm} where the VM name appears, '
             'e.g. "/run/cloud-hypervisor/{vm}.sock")',
@@ -212,3 +218,30 @@ def test_path_problem_can_skip_normalisation() -> None:
     assert path_problem("srv", normalised=False) == (
         "\"srv\" is not an absolute path (start it with '/')"
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "shown", "code"),
+    [
+        ("/x/da\x00ta.sock", "/x/da\\u0000ta.sock", "U+0000"),  # Python: "embedded null byte"
+        ("/srv\new", "/srv\\new", "U+000A"),  # what "/srv\new" in a TOML "..." string gives
+        ("/srv\tdata", "/srv\\tdata", "U+0009"),
+        ("/srv/\x1f", "/srv/\\u001f", "U+001F"),
+        ("/srv/\x7f", "/srv/\\u007f", "U+007F"),  # DEL: JSON leaves it raw, and invisible
+        ("srv\x00", "srv\\u0000", "U+0000"),  # reported before "not absolute"
+    ],
+)
+@pytest.mark.parametrize("normalised", [True, False])
+def test_path_problem_refuses_control_characters(
+    path: str, shown: str, code: str, normalised: bool
+) -> None:
+    assert path_problem(path, normalised=normalised) == (
+        f'"{shown}" contains the control character {code} (remove it; in a double-quoted '
+        "TOML string a backslash starts an escape, so write \\\\ for a backslash "
+        "or use single quotes)"
+    )
+
+
+@pytest.mark.parametrize("path", ["/srv/caf\u00e9", "/srv/ data ", "/srv/~x"])
+def test_path_problem_accepts_printable_characters(path: str) -> None:
+    assert path_problem(path) is None

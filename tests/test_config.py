@@ -6,9 +6,11 @@ from types import MappingProxyType
 
 import pytest
 
+from watcher import config as config_module
 from watcher.apisocket import ApiSocketPattern
 from watcher.config import (
     DEFAULT_CONFIG_PATH,
+    MAX_CONFIG_BYTES,
     BackendSettings,
     Config,
     ConfigError,
@@ -294,6 +296,20 @@ def test_invalid_utf8_has_line_and_column() -> None:
     )
 
 
+def test_a_utf8_byte_order_mark_is_ignored() -> None:
+    bom = b"\xef\xbb\xbf"
+    config = parse_config(
+        [("mounts.toml", bom + WATCH.encode()), ("mounts.d/a.toml", bom + b"[vm.a]\n")]
+    )
+    assert config == parse(WATCH, ("mounts.d/a.toml", "[vm.a]\n"))
+
+
+def test_columns_after_a_byte_order_mark_are_what_the_editor_shows() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config([("mounts.toml", b"\xef\xbb\xbfprune = yes\n")])
+    assert caught.value.problems == ("mounts.toml:1:9: Invalid value",)
+
+
 def test_parse_config_needs_the_main_file() -> None:
     with pytest.raises(ValueError, match="at least the main file"):
         parse_config([])
@@ -398,6 +414,16 @@ def test_valid_device_id_prefixes(prefix: str) -> None:
     ("setting", "message"),
     [
         ("num_queues = 0", "0 is less than 1 (use 1 or more)"),
+        (
+            "num_queues = 2047",
+            "2047 is more than 2046, the most a Cloud Hypervisor device can have "
+            "(use at most the VM's number of boot vCPUs, which CH also requires; e.g. 1)",
+        ),
+        (
+            "num_queues = 99999999999999999999",
+            "99999999999999999999 is more than 2046, the most a Cloud Hypervisor device can have "
+            "(use at most the VM's number of boot vCPUs, which CH also requires; e.g. 1)",
+        ),
         ("num_queues = 1.0", "expected an integer, got 1.0 (write a whole number without quotes)"),
         (
             "num_queues = true",
@@ -438,6 +464,13 @@ def test_valid_queue_sizes(size: int) -> None:
     assert parse(f"{WATCH}[defaults]\nqueue_size = {size}\n") == parse(WATCH)  # no VM, no effect
     share = f'{{ tag = "data", socket = "/run/d.sock", queue_size = {size} }}'
     assert parse(with_share(share)).vms["web01"][0].queue_size == size
+
+
+@pytest.mark.parametrize("count", [1, 2046])
+def test_valid_num_queues(count: int) -> None:
+    assert parse(f"{WATCH}[defaults]\nnum_queues = {count}\n") == parse(WATCH)
+    share = f'{{ tag = "data", socket = "/run/d.sock", num_queues = {count} }}'
+    assert parse(with_share(share)).vms["web01"][0].num_queues == count
 
 
 def test_share_settings_override_defaults() -> None:
@@ -550,6 +583,11 @@ def test_retry_accepts_equal_delays_and_zero_give_up() -> None:
             "backend.extra_args[1]: expected a string, got 4 (put the value in double quotes)",
         ),
         (
+            r'extra_args = ["--xattr", "--log-level=de\u0000bug"]',
+            r'backend.extra_args[1]: "--log-level=de\u0000bug" contains a NUL character '
+            "(remove it; a program argument cannot hold one)",
+        ),
+        (
             'runtime_dir = "/run/vfs/"',
             f'backend.runtime_dir: "/run/vfs/" is not a normalised path {NOT_NORMALISED}',
         ),
@@ -575,6 +613,32 @@ def test_backend_problems(setting: str, message: str) -> None:
 def test_backend_virtiofsd_need_not_be_normalised() -> None:
     backend = parse(f'{WATCH}[backend]\nvirtiofsd = "/opt//virtiofsd"\n').backend
     assert backend.virtiofsd == "/opt//virtiofsd"
+
+
+@pytest.mark.parametrize(
+    ("document", "key_path"),  # "@" marks where the control character goes
+    [
+        ('[watch]\napi_socket = "/run/ch/{vm}@.sock"\n', "watch.api_socket"),
+        (f'{WATCH}[backend]\nvirtiofsd = "/usr/bin/virtiofsd@"\n', "backend.virtiofsd"),
+        (f'{WATCH}[backend]\nruntime_dir = "/run/vfs@"\n', "backend.runtime_dir"),
+        (with_share('{ tag = "data", socket = "/x/da@ta.sock" }'), "vm.web01.fs[0].socket"),
+        (with_share('{ tag = "data", shared_dir = "/srv/da@ta" }'), "vm.web01.fs[0].shared_dir"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("escape", "code"), [("\\u0000", "U+0000"), ("\\n", "U+000A"), ("\\u007f", "U+007F")]
+)
+def test_control_characters_in_paths_are_refused(
+    document: str, key_path: str, escape: str, code: str
+) -> None:
+    """A NUL would pass ``check`` and crash the daemon on first use ("embedded null byte")."""
+    problem = one_problem(document.replace("@", escape))
+    assert problem.startswith(f"mounts.toml: {key_path}: "), problem
+    assert escape in problem  # shown as written in the file, so it can be found
+    assert problem.endswith(
+        f"contains the control character {code} (remove it; in a double-quoted TOML string "
+        "a backslash starts an escape, so write \\\\ for a backslash or use single quotes)"
+    )
 
 
 # --- [vm.*] and shares --------------------------------------------------------------
@@ -873,6 +937,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def write_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_load_reads_drop_ins_sorted_and_ignores_other_files(tmp_path: Path) -> None:
     main = write(tmp_path / "mounts.toml", WATCH + "[vm.main]\n")
     drop_ins = tmp_path / "mounts.d"
@@ -919,27 +988,100 @@ def test_load_missing_main_file(tmp_path: Path) -> None:
     )
 
 
-def test_load_main_file_that_cannot_be_read(tmp_path: Path) -> None:
-    path = tmp_path / "mounts.toml"
-    path.mkdir()
+def load_problems(path: Path) -> tuple[str, ...]:
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
-    assert caught.value.problems == (
-        f"{path}: cannot be read: Is a directory (make it readable by the daemon or remove it)",
+    return caught.value.problems
+
+
+def test_load_main_file_that_is_a_directory(tmp_path: Path) -> None:
+    path = tmp_path / "mounts.toml"
+    path.mkdir()
+    assert load_problems(path) == (f"{path}: is a directory (a config must be a plain file)",)
+
+
+def test_load_main_file_that_cannot_be_read(tmp_path: Path) -> None:
+    path = tmp_path / "mounts.toml"
+    os.symlink(path, path)  # a loop: even root cannot open it
+    assert load_problems(path) == (
+        f"{path}: cannot be read: Too many levels of symbolic links "
+        "(make it readable by the daemon or remove it)",
     )
+
+
+def test_load_main_file_that_is_a_dangling_symlink(tmp_path: Path) -> None:
+    path = tmp_path / "mounts.toml"
+    os.symlink("real/mounts.toml", path)
+    assert load_problems(path) == (
+        f'{path}: is a symbolic link to "real/mounts.toml", which does not exist '
+        "(create the target or point the link at the config file)",
+    )
+
+
+def test_load_follows_symlinks_to_regular_files(tmp_path: Path) -> None:
+    main = tmp_path / "mounts.toml"
+    os.symlink(write(tmp_path / "real" / "main.toml", WATCH), main)
+    os.symlink(
+        write(tmp_path / "real" / "a.toml", "[vm.a]\n"), write_dir(tmp_path / "mounts.d") / "a.toml"
+    )
+    config = load_config(str(main))
+    assert config.files == (str(main), f"{tmp_path}/mounts.d/a.toml")
+    assert list(config.vms) == ["a"]
+
+
+@pytest.mark.timeout(10)  # without O_NONBLOCK, opening a FIFO waits for a writer forever
+def test_load_refuses_a_fifo_as_the_main_file(tmp_path: Path) -> None:
+    path = tmp_path / "mounts.toml"
+    os.mkfifo(path)
+    assert load_problems(path) == (
+        f"{path}: is not a regular file (a config must be a plain file)",
+    )
+
+
+@pytest.mark.timeout(10)
+def test_load_refuses_a_fifo_drop_in_with_the_other_problems(tmp_path: Path) -> None:
+    main = write(tmp_path / "mounts.toml", WATCH + "prune = 1\n")
+    os.mkfifo(write_dir(tmp_path / "mounts.d") / "zz.toml")
+    assert load_problems(main) == (
+        f"{tmp_path}/mounts.d/zz.toml: is not a regular file (a config must be a plain file)",
+        f"{main}: watch.prune: expected a boolean, got 1 (write true or false without quotes)",
+    )
+
+
+def test_load_refuses_a_device(tmp_path: Path) -> None:
+    # /dev/zero would exhaust memory; /dev/null shows the same rule without the risk.
+    assert load_problems(Path("/dev/null")) == (
+        "/dev/null: is not a regular file (a config must be a plain file)",
+    )
+
+
+def test_load_refuses_a_file_over_the_size_limit(tmp_path: Path) -> None:
+    path = write(tmp_path / "mounts.toml", WATCH)
+    os.truncate(path, MAX_CONFIG_BYTES + 1)  # sparse: no disk space used
+    assert load_problems(path) == (
+        f"{path}: is larger than 16 MiB (check that it is the intended file; "
+        "spread a config this large over mounts.d/*.toml drop-ins)",
+    )
+
+
+def test_size_limit_is_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "mounts.toml", WATCH)
+    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", len(WATCH))
+    assert load_config(str(path)).files == (str(path),)
+    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", len(WATCH) - 1)
+    assert load_problems(path)[0].startswith(f"{path}: is larger than ")
 
 
 def test_load_unreadable_drop_in_is_reported_with_the_other_problems(tmp_path: Path) -> None:
     main = write(tmp_path / "mounts.toml", WATCH + "prune = 1\n")
-    drop_ins = tmp_path / "mounts.d"
-    drop_ins.mkdir()
+    drop_ins = write_dir(tmp_path / "mounts.d")
     os.symlink(tmp_path / "nowhere.toml", drop_ins / "10-gone.toml")
+    (drop_ins / "15-dir.toml").mkdir()
     write(drop_ins / "20-ok.toml", "[vm.ok]\n")
-    with pytest.raises(ConfigError) as caught:
-        load_config(str(main))
-    assert caught.value.problems == (
-        f"{drop_ins}/10-gone.toml: cannot be read: No such file or directory "
-        "(make it readable by the daemon or remove it)",
+    assert load_problems(main) == (
+        f'{drop_ins}/10-gone.toml: is a symbolic link to "{tmp_path}/nowhere.toml", '
+        "which does not exist (create the target or point the link at the config file)",
+        f"{drop_ins}/15-dir.toml: is a directory (a config must be a plain file)",
         f"{main}: watch.prune: expected a boolean, got 1 (write true or false without quotes)",
     )
 

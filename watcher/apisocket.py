@@ -31,6 +31,8 @@ VM_NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a lette
 
 _PLACEHOLDER = "{vm}"
 
+_CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def path_problem(path: str, *, normalised: bool = True) -> str | None:
     """Say what is wrong with ``path`` as an absolute (and normalised) path, or None.
@@ -39,8 +41,21 @@ def path_problem(path: str, *, normalised: bool = True) -> str | None:
     one-socket-per-device rule is checked on paths), so ``/run//ch`` and ``/run/ch``
     would be two places to it; insisting on one spelling keeps those comparisons
     exact. The text is "<what> (<how to fix>)", ready for a config problem line.
+
+    Control characters are refused: a NUL cannot be passed to the kernel at all
+    (Python raises "embedded null byte" only when the daemon first uses the path,
+    long after ``check`` passed), and the others, though legal in a file name,
+    are invisible in logs and almost always a TOML escape typed by mistake
+    (``"/srv\\new"`` is "/srv", a newline, "ew").
     """
     shown = _quote(path)
+    control = _CONTROL_CHARACTER_RE.search(path)
+    if control is not None:
+        return (
+            f"{shown} contains the control character U+{ord(control.group()):04X} "
+            "(remove it; in a double-quoted TOML string a backslash starts an escape, "
+            "so write \\\\ for a backslash or use single quotes)"
+        )
     if not path.startswith("/"):
         return f"{shown} is not an absolute path (start it with '/')"
     if not normalised or path == "/":
@@ -132,5 +147,8 @@ def _template_problem(template: str) -> str | None:
 
 
 def _quote(text: str) -> str:
-    """Show a user's string as a TOML basic string, so it can be found in the file."""
-    return json.dumps(text, ensure_ascii=False)
+    """Show a user's string as a TOML basic string, so it can be found in the file.
+
+    JSON escapes every control character TOML does except DEL, which would be invisible.
+    """
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -25,12 +25,14 @@ Every problem is one line: ``<file>:<line>:<col>: <msg>`` for TOML syntax, and
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 import math
 import os
 import posixpath
 import re
+import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +57,20 @@ CACHE_MODES = ("auto", "always", "never", "metadata")
 
 SUN_PATH_MAX = 107
 """Longest unix socket path: ``sun_path`` is 108 bytes including the final NUL."""
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""Largest file read: 100,000 VMs take about 5 MiB, and a device such as /dev/zero never ends."""
+
+MAX_NUM_QUEUES = 2046
+"""The most request queues a CH fs device can have, whatever the VM's size.
+
+CH checks num_queues only against the VM's boot vCPUs (cloud-hypervisor-api.md §2),
+and allows up to 8192 vCPUs on KVM x86_64 (``vmm/src/config.rs:40``). But a PCI
+device has at most 2048 MSI-X vectors and CH's fs device takes one per request
+queue plus one for the hiprio queue and one for config; past that CH does not
+refuse, it panics on an assert (``virtio-devices/src/transport/pci_device.rs:457``,
+``pci/src/msix.rs:147``). Without a bound ``num_queues = 99999999999999999999``
+would pass ``check`` and fail only at attach time."""
 
 MAX_QUEUE_SIZE = 32768
 """CH: "Queue size must be a power of 2 no greater than 32768" (cloud-hypervisor-api.md §2)."""
@@ -158,8 +174,6 @@ def load_config(path: str) -> Config:
                 "(create it; config/mounts.toml in the project is a commented example)"
             ]
         ) from None
-    except OSError as err:
-        raise ConfigError([_unreadable(path, err)]) from None
 
     files = [(path, main)]
     problems: list[str] = []
@@ -179,8 +193,10 @@ def load_config(path: str) -> Config:
         drop_in = os.path.join(drop_in_dir, name)
         try:
             files.append((drop_in, _read(drop_in)))
-        except OSError as err:
+        except FileNotFoundError as err:  # removed since it was listed
             problems.append(_unreadable(drop_in, err))
+        except ConfigError as err:
+            problems.extend(err.problems)
 
     try:
         config = parse_config(files)
@@ -236,8 +252,51 @@ def parse_config(files: Sequence[tuple[str, bytes]]) -> Config:
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
+    """The content of ``path`` if it is a regular file (or a symlink to one).
+
+    Anything else is refused with a ConfigError before it is read: opening a FIFO
+    blocks until a writer appears and reading a device may never end, which would
+    hang ``check`` and the daemon's reload. O_NONBLOCK makes opening a FIFO return
+    at once, the type is taken from the open descriptor so nothing can be swapped
+    in between, and reading stops after MAX_CONFIG_BYTES. Only a path that does
+    not exist at all raises FileNotFoundError, for the caller to word.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError as missing:
+        try:
+            target = os.readlink(path)
+        except OSError:  # not a symlink: the path itself does not exist
+            raise missing from None
+        raise ConfigError(
+            [
+                f"{path}: is a symbolic link to {_show(target)}, which does not exist "
+                "(create the target or point the link at the config file)"
+            ]
+        ) from None
+    except OSError as err:
+        raise ConfigError([_unreadable(path, err)]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError([f"{path}: is a directory (a config must be a plain file)"])
+        if not stat.S_ISREG(mode):
+            raise ConfigError([f"{path}: is not a regular file (a config must be a plain file)"])
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            content = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError([_unreadable(path, err)]) from None
+    finally:
+        os.close(fd)
+    if len(content) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [
+                f"{path}: is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB "
+                "(check that it is the intended file; spread a config this large "
+                "over mounts.d/*.toml drop-ins)"
+            ]
+        )
+    return content
 
 
 def _unreadable(path: str, err: OSError) -> str:
@@ -245,6 +304,9 @@ def _unreadable(path: str, err: OSError) -> str:
 
 
 def _parse_toml(name: str, content: bytes, problems: list[str]) -> dict[str, object] | None:
+    # Windows editors (Notepad among them) start UTF-8 files with a byte order mark,
+    # which TOML does not allow; it is invisible, so dropping it keeps columns right.
+    content = content.removeprefix(codecs.BOM_UTF8)
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -382,6 +444,14 @@ class _Table:
         value = self.integer(key)
         if value is not None and value < 1:
             self.problem(key, f"{value} is less than 1 (use 1 or more)")
+            return None
+        if value is not None and value > MAX_NUM_QUEUES:
+            self.problem(
+                key,
+                f"{value} is more than {MAX_NUM_QUEUES}, the most a Cloud Hypervisor device "
+                "can have (use at most the VM's number of boot vCPUs, which CH also requires; "
+                "e.g. 1)",
+            )
             return None
         return value
 
@@ -526,13 +596,17 @@ def _backend_settings(main: _Table) -> BackendSettings:
     extra_args: list[str] = []
     items = table.array("extra_args", 'write it as ["--flag", ...]') or []
     for index, item in enumerate(items):
-        if isinstance(item, str):
-            extra_args.append(item)
-        else:
+        where = f"{table.where('extra_args')}[{index}]"
+        if not isinstance(item, str):
+            table.problem_at(where, f"expected a string, got {_show(item)} ({_STRING_FIX})")
+        elif "\0" in item:
             table.problem_at(
-                f"{table.where('extra_args')}[{index}]",
-                f"expected a string, got {_show(item)} ({_STRING_FIX})",
+                where,
+                f"{_show(item)} contains a NUL character "
+                "(remove it; a program argument cannot hold one)",
             )
+        else:
+            extra_args.append(item)
 
     runtime_dir = table.path_string("runtime_dir")
 
