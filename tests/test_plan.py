@@ -100,3 +100,40 @@ def test_mixed_vm_gets_one_step_per_share_in_config_order() -> None:
     a, b, c = share("a"), share("b"), share("c")
     result = steps([a, b, c], info(device(b)), present={a.socket, b.socket})
     assert result == (plan.Attach(a), plan.Satisfied(b), plan.WaitBackend(c))
+
+
+def test_socket_held_by_a_foreign_device_is_a_conflict_not_an_attach() -> None:
+    data = share("data")
+    foreign = FsDevice(id="myfs", tag="other", socket=data.socket, num_queues=1, queue_size=1024)
+    (step,) = steps([data], info(foreign))
+    assert isinstance(step, plan.Conflict)
+    assert step.reason == f"socket {data.socket} is already used by device myfs"
+
+
+def test_socket_held_by_our_device_on_its_way_out_waits() -> None:
+    renamed = share("data2", socket="/run/vfs/data.sock")  # tag renamed, same virtiofsd
+    old = device(share("data"))
+    assert steps([renamed], info(old), prune=True) == (
+        plan.WaitSocket(renamed, "cocoon-fs-data"),
+        plan.Detach("cocoon-fs-data"),
+    )
+    (step, _) = steps([renamed], info(old), prune=False)
+    assert isinstance(step, plan.Conflict)  # without prune the old device stays: never free
+
+
+def test_socket_of_a_device_being_replaced_onto_another_socket_waits() -> None:
+    a = share("a", socket="/run/vfs/new.sock")
+    b = share("b", socket="/run/vfs/a.sock")  # takes the socket a is leaving
+    current_a = device(share("a"))
+    assert steps([a, b], info(current_a)) == (
+        plan.Replace(a, current_a),
+        plan.WaitSocket(b, "cocoon-fs-a"),
+    )
+
+
+def test_same_tag_on_a_foreign_device_is_a_conflict() -> None:
+    data = share("data")
+    cli = FsDevice(id=None, tag="data", socket="/elsewhere.sock", num_queues=1, queue_size=1024)
+    (step,) = steps([data], info(cli))
+    assert isinstance(step, plan.Conflict)
+    assert step.reason == "tag data is already used by device (unnamed, tag data)"

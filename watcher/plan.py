@@ -14,7 +14,13 @@ Rules, one per share or device, in config order:
   eject, add again);
 - id absent from config.fs but still in device_tree → `WaitEject`: a removal is
   pending and CH refuses the id until the guest ejects (§5);
-- id absent and the backend socket file absent → `WaitBackend`: add-fs would
+- another device already uses the share's socket → `WaitSocket` if that
+  device is ours and on its way out (pruned, or replaced onto another
+  socket), else `Conflict`: CH never checks this, and a second connect to a
+  virtiofsd that serves one frontend stalls or hangs CH's API (§7); a device
+  of someone else with the same tag is a `Conflict` too (the guest could not
+  tell the two apart when mounting by tag);
+- id absent and the backend socket not ready → `WaitBackend`: add-fs would
   block the whole CH API for 60 s and then fail (§7);
 - otherwise → `Attach`.
 Devices carrying our prefix that the config no longer lists → `Detach` when
@@ -57,6 +63,19 @@ class WaitBackend:
 
 
 @dataclass(frozen=True)
+class WaitSocket:
+    share: Share
+    holder: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    share: Share
+    reason: str
+    fix: str
+
+
+@dataclass(frozen=True)
 class Detach:
     device_id: str
 
@@ -66,7 +85,17 @@ class Unmanaged:
     device_id: str
 
 
-Step = Satisfied | Attach | Replace | WaitEject | WaitBackend | Detach | Unmanaged
+Step = (
+    Satisfied
+    | Attach
+    | Replace
+    | WaitEject
+    | WaitSocket
+    | Conflict
+    | WaitBackend
+    | Detach
+    | Unmanaged
+)
 
 
 def plan_vm(
@@ -79,6 +108,7 @@ def plan_vm(
 ) -> tuple[Step, ...]:
     """Decide one step per desired share, then one per stray device of ours."""
     by_id = {device.id: device for device in observed.fs if device.id is not None}
+    wanted = {share.device_id: share for share in desired}
     steps: list[Step] = []
     for share in desired:
         current = by_id.get(share.device_id)
@@ -86,16 +116,53 @@ def plan_vm(
             steps.append(Satisfied(share) if _matches(share, current) else Replace(share, current))
         elif share.device_id in observed.device_tree_ids:
             steps.append(WaitEject(share))
+        elif (clash := _clash(share, observed, wanted, device_id_prefix, prune)) is not None:
+            steps.append(clash)
         elif share.socket not in present_backends:
             steps.append(WaitBackend(share))
         else:
             steps.append(Attach(share))
-    wanted = {share.device_id for share in desired}
     for device_id in by_id:
         if device_id in wanted or not _is_ours(device_id, device_id_prefix):
             continue
         steps.append(Detach(device_id) if prune else Unmanaged(device_id))
     return tuple(steps)
+
+
+def _clash(
+    share: Share,
+    observed: VmInfo,
+    wanted: dict[str, Share],
+    prefix: str,
+    prune: bool,
+) -> WaitSocket | Conflict | None:
+    """Another device holding the share's socket or tag, and whether that will pass."""
+    for device in observed.fs:
+        holder = device.id or f"(unnamed, tag {device.tag})"
+        if device.socket == share.socket:
+            leaving = (
+                device.id is not None
+                and _is_ours(device.id, prefix)
+                and (
+                    (device.id not in wanted and prune)
+                    or (device.id in wanted and wanted[device.id].socket != device.socket)
+                )
+            )
+            if leaving:
+                return WaitSocket(share, holder)
+            return Conflict(
+                share,
+                f"socket {share.socket} is already used by device {holder}",
+                f"remove device {holder} from the VM, or give this share its own virtiofsd"
+                " and socket",
+            )
+        if device.tag == share.tag and not (device.id and _is_ours(device.id, prefix)):
+            return Conflict(
+                share,
+                f"tag {share.tag} is already used by device {holder}",
+                f"remove device {holder} from the VM, or rename the share",
+            )
+    return None
 
 
 def _matches(share: Share, device: FsDevice) -> bool:
