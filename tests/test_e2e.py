@@ -308,3 +308,89 @@ async def test_resync_restores_a_device_removed_behind_the_daemons_back(host: Ho
         await daemon.wait_for(r"attached vm=web01 tag=data", count=2)
     finally:
         listener.close()
+
+
+async def test_renamed_tag_on_the_same_socket_waits_for_the_old_device_to_go(host: Host) -> None:
+    host.write_config({"web01": ["data"]}, extra="prune = true")
+    await host.start_backend("web01", "data")
+    double = await host.start_double("web01", "--eject", "auto")
+    daemon = await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-data")
+    text = host.config.read_text().replace('tag = "data"', 'tag = "data2"')
+    host.config.write_text(text)  # same socket, new tag: the old device still holds it
+    await daemon.wait_for(r"detached vm=web01 id=cocoon-fs-data")
+    await eventually(lambda: not host.backends[0].running, "old virtiofsd exits at eject")
+    await host.start_backend("web01", "data")  # the operator's supervisor restarts it
+    await wait_attached(double, "cocoon-fs-data2")
+    log = await double.requests()
+    removed_at = next(r["finished_at"] for r in log if r["path"].endswith("vm.remove-device"))
+    data2_adds = [r for r in log if r["path"] == ADD_FS and r["body"]["id"] == "cocoon-fs-data2"]
+    assert all(r["received_at"] > removed_at for r in data2_adds)
+
+
+async def test_socket_already_used_by_another_device_is_refused_clearly(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    double = await host.start_double("web01")
+    socket_path = host.backend_socket("web01", "data")
+    body = f'{{"tag":"mine","socket":"{socket_path}","id":"myfs"}}'.encode()
+    added = await unixhttp.request(
+        host.api_socket("web01"), "PUT", "/api/v1/vm.add-fs", body, timeout=30
+    )
+    assert added.status == 200  # someone else attached a device on our socket
+    daemon = await host.start_daemon()
+    line = await daemon.wait_for(r"attach refused vm=web01 tag=data")
+    assert "already used by device myfs" in line
+    await eventually(lambda: host.share_state("web01", "data") == "failed", "failed in status")
+    assert await add_fs_ids(double) == ["myfs"]  # ours was never sent: CH would hang
+
+
+async def test_unreachable_backend_is_not_retried_until_its_socket_is_recreated(
+    host: Host,
+) -> None:
+    host.write_config({"web01": ["data"]}, retry_extra="resync = 0.2")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(host.backend_socket("web01", "data"))  # a file nobody listens on
+    stale.close()
+    double = await host.start_double("web01", "--connect-timeout", "0.3")
+    daemon = await host.start_daemon()
+    line = await daemon.wait_for(r"backend unreachable vm=web01 tag=data")
+    assert "waiting for the socket to be re-created" in line
+    pings = len(await double.requests("/api/v1/vmm.ping"))
+
+    async def three_more_passes() -> bool:
+        return len(await double.requests("/api/v1/vmm.ping")) >= pings + 3
+
+    await eventually(three_more_passes, "three resync passes")
+    assert await add_fs_ids(double) == ["cocoon-fs-data"]  # one 60 s stall, not one per pass
+    await host.start_backend("web01", "data")  # re-created by a new virtiofsd
+    await wait_attached(double, "cocoon-fs-data")
+
+
+async def test_a_killed_ch_shows_as_not_running_at_once(host: Host) -> None:
+    host.write_config({"web01": ["data"]}, retry_extra="resync = 0")
+    await host.start_backend("web01", "data")
+    double = await host.start_double("web01")
+    daemon = await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-data")
+    await double.kill()  # leaves its socket: no file event, only the pidfd tells
+    await daemon.wait_for(r"api socket is stale vm=web01")
+    await eventually(lambda: host.share_state("web01", "data") == "pending", "not attached")
+
+
+async def test_a_200_answer_that_is_not_ch_is_one_clear_error(host: Host) -> None:
+    host.write_config({"web": ["data"]})
+
+    async def html(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n<html></html>")
+            await writer.drain()
+
+    server = await asyncio.start_unix_server(html, host.api_socket("web"))
+    try:
+        daemon = await host.start_daemon()
+        await daemon.wait_for(r"backend does not support fs attach vm=web")
+        await daemon.wait_for(r"ready ")
+        assert len(daemon.matching(r"vm=web ")) == 1
+    finally:
+        server.close()

@@ -295,3 +295,33 @@ async def test_a_changed_api_socket_pattern_rearms_the_watches(host: Host) -> No
     (new_root / "web01").mkdir()
     double = await host.start_double("web01", api_socket=str(new_root / "web01" / "api.sock"))
     await wait_attached(double, "cocoon-fs-data")
+
+
+async def test_ready_is_sent_once_running_vms_were_looked_at(
+    host: Host, notify: NotifySocket
+) -> None:
+    host.write_config({"web01": ["data"], "off": ["data"]})
+    await host.start_backend("web01", "data")
+    await host.start_double("web01")
+    await host.start_daemon({"NOTIFY_SOCKET": str(notify.path)})
+    await eventually(lambda: notify.seen("READY", "1"), "READY=1")
+    ready = next(m for m in notify.drain() if m.get("READY") == "1")
+    assert ready["STATUS"].startswith("1 of 2 VMs running")
+
+
+async def test_edits_to_a_symlinked_config_are_picked_up(host: Host) -> None:
+    real = host.root / "managed-by-tool"
+    real.mkdir()
+    host.write_config({"web01": ["a"]})
+    target = real / "mounts.toml"
+    host.config.rename(target)
+    host.config.symlink_to(target)
+    await host.start_backend("web01", "a")
+    await host.start_backend("web01", "b")
+    double = await host.start_double("web01")
+    await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-a")
+    text = target.read_text()
+    b_socket = host.backend_socket("web01", "b")
+    edit_in_place(target, text.replace("fs = [", f'fs = [{{ tag = "b", socket = "{b_socket}" }}, '))
+    await wait_attached(double, "cocoon-fs-a", "cocoon-fs-b")

@@ -396,6 +396,7 @@ def live(*states: ShareState, socket_state: SocketState = SocketState.LIVE) -> V
         (render(live(ShareState.ATTACHED), valid=False, problems=("x",)), 1),
         (with_socket(render(live(ShareState.PENDING)), "checking"), 1),
         (with_socket(render(live()), "checking"), 1),
+        (render(live(ShareState.RETRYING, socket_state=SocketState.UNREACHABLE)), 1),
     ],
     ids=[
         "no-vms",
@@ -408,6 +409,7 @@ def live(*states: ShareState, socket_state: SocketState = SocketState.LIVE) -> V
         "config-invalid",
         "checking",
         "checking-no-shares",
+        "unreachable",
     ],
 )
 def test_exit_code(document: Document, code: int) -> None:

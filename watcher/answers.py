@@ -128,7 +128,7 @@ FIXES: dict[Kind, str] = {
     Kind.SHARED_MEMORY_OFF: "start the VM with shared memory (--memory shared=on) or hugepages",
     Kind.TOO_MANY_QUEUES: "lower num_queues to at most the VM's boot vCPUs",
     Kind.BACKEND_QUEUES: "lower num_queues to what the virtiofsd backend supports",
-    Kind.INVALID_CONFIG: "fix the share in the config; CH's reason is above",
+    Kind.INVALID_CONFIG: "fix the share's settings in the config (CH's words are in reason=)",
     Kind.UNEXPECTED: "check the CH version and its log",
 }
 """For answers that no retry can fix: what a human must change."""

@@ -114,10 +114,16 @@ class ChClient:
         self._limiter: AbstractAsyncContextManager[Any] = limiter or nullcontext()
 
     async def _call(
-        self, method: str, name: str, body: Mapping[str, Any] | None, timeout: float
+        self,
+        method: str,
+        name: str,
+        body: Mapping[str, Any] | None,
+        timeout: float,
+        *,
+        limited: bool = True,
     ) -> unixhttp.HttpResponse:
         payload = None if body is None else json.dumps(body).encode()
-        async with self._limiter:
+        async with self._limiter if limited else nullcontext():
             return await unixhttp.request(
                 self.api_socket, method, _API + name, payload, timeout=timeout
             )
@@ -142,7 +148,11 @@ class ChClient:
         return parse_vm_info(_json_object(response.body, "vm.info"))
 
     async def add_fs(self, share: Share) -> AddFsResult:
-        response = await self._call("PUT", "vm.add-fs", add_fs_body(share), ADD_FS_TIMEOUT)
+        # Not limited: an add-fs can legitimately take 60 s (§7), and VMs whose CH is
+        # stuck that long must not use up the slots of healthy ones.
+        response = await self._call(
+            "PUT", "vm.add-fs", add_fs_body(share), ADD_FS_TIMEOUT, limited=False
+        )
         if response.status == 204:
             return AddFsResult(hot=False, bdf=None)
         if response.status == 200:

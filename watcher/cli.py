@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Sequence
 
 from . import statusfile, statusview
@@ -28,6 +29,9 @@ STATE_ENV = "VIRTIOFS_REATTACH_STATE"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGHUP means "reload"; until the daemon's handler is installed it must not
+    # mean "die" (its default), e.g. a `systemctl reload` racing a start.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -146,7 +150,10 @@ def _print_vm(status: VmStatus) -> bool:
         print(f"{status.name}: not running (stale API socket {status.api_socket})")
         return True
     header = f"{status.name}: CH {status.ch_version or '?'} pid {status.ch_pid or '?'}"
-    print(f"{header}, VM {status.vm_state or status.socket.value}")
+    if status.vm_state is not None:
+        print(f"{header}, VM {status.vm_state}")
+    else:
+        print(f"{header}, {status.detail or status.socket.value}")
     ok = True
     for share in status.shares.values():
         line = f"  {share.tag} ({share.device_id}): {share.state.value}"

@@ -106,6 +106,16 @@ class Daemon:
         self._workers.clear()
         await self._backends.close()
 
+    async def first_look(self, timeout: float) -> None:
+        """Wait until CH answered (or not) for every VM whose socket exists, at most
+        `timeout` seconds: READY=1 is meant to say the VMs were looked at, but a
+        hung CH must not hold the service in "activating"."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(w.status.socket is SocketState.CHECKING for w, _ in self._workers.values()):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.01)
+
     def statuses(self) -> list[VmStatus]:
         """Every configured VM, running or not, in config order."""
         result = []
@@ -141,7 +151,7 @@ class Daemon:
                 running = self._workers.get(user)
                 if running is not None:
                     log.debug(kv("backend socket appeared", vm=user, socket=event.path))
-                    running[0].poke()
+                    running[0].backend_appeared(event.path)
 
     def _sync_vm(self, name: str) -> None:
         """Start, poke or cancel the VM's worker according to its API socket file."""
@@ -278,8 +288,8 @@ class Daemon:
         for path in self._backend_users:
             directory = os.path.dirname(path)
             wanted[directory] = max(wanted.get(directory, 0), 0)
-        if self._config_path is not None:
-            directory = os.path.dirname(self._config_path)
+        for config_file in self._config_files():
+            directory = os.path.dirname(config_file)
             wanted[directory] = max(wanted.get(directory, 0), 1)
         for directory, depth in self._roots.items():
             if wanted.get(directory) != depth:
@@ -293,10 +303,17 @@ class Daemon:
             self._arming = False
         self._roots = wanted
 
+    def _config_files(self) -> set[str]:
+        """The config path, and where it points if it is a symlink (an edit of the
+        target raises events in the target's folder only)."""
+        if self._config_path is None:
+            return set()
+        return {self._config_path, os.path.realpath(self._config_path)}
+
     def _is_config_file(self, path: str) -> bool:
         if self._config_path is None:
             return False
-        if path == self._config_path:
+        if path in self._config_files():
             return True
         drop_ins = os.path.join(os.path.dirname(self._config_path), DROP_IN_DIR)
         return os.path.dirname(path) == drop_ins and path.endswith(".toml")

@@ -110,7 +110,7 @@ class VmWorker:
         self.shares = tuple(shares)
         self.settings = settings
         self.client = ChClient(api_socket, limiter)
-        self.status = VmStatus(name=name, api_socket=api_socket)
+        self.status = VmStatus(name=name, api_socket=api_socket, socket=SocketState.CHECKING)
         for share in self.shares:
             self.status.shares[share.tag] = ShareStatus(tag=share.tag, device_id=share.device_id)
         self._on_change = on_change
@@ -122,6 +122,9 @@ class VmWorker:
         self._blocked: dict[str, str] = {}
         """device id -> reason, for errors no retry can fix; cleared for a new CH pid."""
         self._eject_waiting_since: dict[str, float] = {}
+        self._dead_backends: set[str] = set()
+        """Backend sockets CH could not connect to for 60 s: not used again until re-created."""
+        self._ch_exit_fd: int | None = None
         self._reported_unmanaged: set[str] = set()
 
     # ---- driving ---------------------------------------------------------
@@ -130,17 +133,25 @@ class VmWorker:
         """Ask for a pass soon; many pokes before it starts cost one pass."""
         self._poked.set()
 
+    def backend_appeared(self, socket: str) -> None:
+        """A backend socket was (re)created: a new virtiofsd listens there."""
+        self._dead_backends.discard(socket)
+        self.poke()
+
     async def run(self) -> None:
         """The task body: a pass per poke (the first poke comes from the daemon),
         and a resync pass now and then while CH is live (see RetrySettings.resync)."""
         resync = self.settings.retry.resync
-        while True:
-            if self.status.socket is SocketState.LIVE and resync > 0:
-                await self._woken_within(resync * random.uniform(0.9, 1.1))
-            else:
-                await self._poked.wait()
-                self._poked.clear()
-            await self.reconcile(retry=True)
+        try:
+            while True:
+                if self.status.socket is SocketState.LIVE and resync > 0:
+                    await self._woken_within(resync * random.uniform(0.9, 1.1))
+                else:
+                    await self._poked.wait()
+                    self._poked.clear()
+                await self.reconcile(retry=True)
+        finally:
+            self._unwatch_ch()
 
     async def reconcile(self, *, retry: bool) -> None:
         """One pass, or passes with backoff until nothing retryable is left."""
@@ -229,6 +240,7 @@ class VmWorker:
             )
             pending = [reason for step in steps if (reason := await self._apply(step))]
         except ApiError as exc:
+            self.status.vm_state = None
             self.status.detail = f"{exc.call}: {exc.answer.reason}"
             self._mark_all_pending_retrying(self.status.detail)
             raise _RetryPass(self.status.detail) from exc
@@ -260,7 +272,7 @@ class VmWorker:
         """The socket exists; for a managed share, also its virtiofsd has reached
         accept() (or was adopted): a CH connect queued on a listener that no
         virtiofsd will serve, say one that crash-loops, stalls CH's API (§7)."""
-        if not is_socket(share.socket):
+        if share.socket in self._dead_backends or not is_socket(share.socket):
             return False
         if not share.managed or self._backends is None:
             return True
@@ -288,7 +300,7 @@ class VmWorker:
                     raise _StaleSocket from None
                 if await self._woken_within(delay):
                     probes = iter(STALE_PROBES)
-            except NotCloudHypervisor as exc:
+            except (NotCloudHypervisor, BadAnswer, HttpProtocolError) as exc:
                 self._not_ch(str(exc))
                 raise _StaleSocket from exc
         self.status.socket = SocketState.LIVE
@@ -299,7 +311,34 @@ class VmWorker:
                 self._forget_shares("a new CH process")
             self._pid = identity.pid
             self._blocked.clear()
+            self._dead_backends.clear()
+            self._watch_ch(identity.pid)
         self.status.ch_pid = identity.pid
+
+    def _watch_ch(self, pid: int | None) -> None:
+        """Be poked when this CH process exits. A CH killed with SIGKILL leaves its
+        socket behind and raises no file event (§6); a pidfd says it at once.
+        The pid may not be ours to see (CH in another pid namespace): then the
+        periodic resync notices instead."""
+        self._unwatch_ch()
+        if pid is None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        self._ch_exit_fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._ch_exited)
+
+    def _ch_exited(self) -> None:
+        self._unwatch_ch()
+        self.poke()
+
+    def _unwatch_ch(self) -> None:
+        if self._ch_exit_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._ch_exit_fd)
+            os.close(self._ch_exit_fd)
+            self._ch_exit_fd = None
 
     async def _apply(self, step: plan.Step) -> str | None:
         """Carry out one step; return why a retry is needed, or None."""
@@ -324,6 +363,14 @@ class VmWorker:
                 )
             case plan.WaitEject(share):
                 return self._waiting_eject(share)
+            case plan.WaitSocket(share, holder):
+                detail = f"waiting for device {holder} to leave socket {share.socket}"
+                self._set_for(share, ShareState.WAITING_BACKEND, detail)
+                return f"{share.tag}: {detail}"
+            case plan.Conflict(share, reason, fix):
+                # Not remembered per pid: the other device may go; each resync looks again.
+                self._set_for(share, ShareState.FAILED, reason, fix=fix)
+                self._note_failure(share, "attach refused", f"{reason} (fix: {fix})", logging.ERROR)
             case plan.Attach(share):
                 return await self._attach(share)
             case plan.Replace(share, current):
@@ -369,6 +416,18 @@ class VmWorker:
                 self._attached(share, already=True)
                 return None
             return self._retrying(share, answer.reason)
+        if answer.kind is Kind.BACKEND_UNREACHABLE:
+            # CH tried for 60 s with its whole API blocked; doing that again on a timer
+            # would stall the VM's API over and over. A stale file, most likely: the
+            # virtiofsd behind it served an earlier connection and exited (virtiofsd.md §2).
+            self._dead_backends.add(share.socket)
+            detail = (
+                f"CH could not connect to {share.socket} for 60 s ({answer.reason});"
+                " waiting for the socket to be re-created by a new virtiofsd"
+            )
+            self._set_for(share, ShareState.WAITING_BACKEND, detail)
+            self._note_failure(share, "backend unreachable", detail, logging.ERROR)
+            return None
         if is_retryable(answer):
             return self._retrying(share, answer.reason)
         fix = FIXES.get(answer.kind, FIXES[Kind.UNEXPECTED])
@@ -467,6 +526,7 @@ class VmWorker:
                 vm=self.name,
                 tag=share.tag,
                 id=share.device_id,
+                socket=share.socket,
                 attempt=self.status.shares[share.tag].attempt or None,
                 reason=reason,
                 repeated=held_back or None,
@@ -484,6 +544,13 @@ class VmWorker:
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, TimeoutError):
             reason = "CH did not answer in time (busy connecting a backend, or hung)"
+        elif isinstance(exc, PermissionError):
+            reason = (
+                f"permission denied on {self.status.api_socket}: CH's socket is mode 0600;"
+                " run the daemon as CH's user or root, or grant CAP_DAC_OVERRIDE (README)"
+            )
+        elif isinstance(exc, ConnectionError):
+            reason = "CH closed the connection without answering"
         self.status.detail = reason
         self._mark_all_pending_retrying(reason)
 

@@ -18,6 +18,7 @@ caught.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -34,6 +35,9 @@ RELOAD_DEBOUNCE = 0.2
 
 PUBLISH_INTERVAL = 0.1
 """At most ten status-file writes a second, however many VMs change at once."""
+
+FIRST_LOOK_TIMEOUT = 10.0
+"""READY=1 waits this long at most for every running VM's CH to answer."""
 
 
 def status_line(statuses: list[VmStatus], config_valid: bool) -> str:
@@ -89,6 +93,7 @@ class Service:
         interval = sdnotify.watchdog_interval()
         if interval is not None:
             background.append(asyncio.create_task(sdnotify.watchdog_loop(interval)))
+        await self.daemon.first_look(FIRST_LOOK_TIMEOUT)
         sdnotify.ready(self._status_line())
         log.info(kv("ready", status=self._status_line()))
         await self._stop.wait()
@@ -157,9 +162,12 @@ class Service:
         self._dirty.set()
 
     async def _publisher(self) -> None:
-        """Write the status file and STATUS= after changes, coalescing bursts."""
+        """Write the status file and STATUS= after changes, coalescing bursts,
+        and at least every HEARTBEAT seconds."""
         while True:
-            await self._dirty.wait()
+            # A rewrite at least every HEARTBEAT lets `status` tell a hung daemon.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), statusfile.HEARTBEAT)
             self._dirty.clear()
             document = self._document()
             await asyncio.to_thread(statusfile.write, self.state_path, document)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 class SocketState(enum.Enum):
     ABSENT = "absent"
+    CHECKING = "checking"
+    """The API socket exists and CH has not answered yet."""
     STALE = "stale"
     """The file exists but nothing listens: CH crashed or exited with an error (§6)."""
     LIVE = "live"

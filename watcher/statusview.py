@@ -86,14 +86,14 @@ def stale(document: Document, *, now: float) -> str | None:
 def exit_code(document: Document) -> int:
     """1 unless the config is valid and every running VM has all its shares attached.
 
-    A "checking" socket exists but its CH has not answered yet: the VM is
-    probably running, and nothing about its shares is known, so it is not
-    healthy yet.
+    A "checking" socket exists but its CH has not answered yet, and an
+    "unreachable" one stopped answering: either VM is probably running and
+    nothing about its shares is known, so it is not healthy.
     """
     if not document["config"]["valid"]:
         return 1
     for vm in document["vms"]:
-        if vm["socket"] == "checking":
+        if vm["socket"] in ("checking", "unreachable"):
             return 1
         if vm["socket"] == "live" and any(s["state"] != "attached" for s in vm["shares"]):
             return 1
