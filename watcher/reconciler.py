@@ -13,11 +13,17 @@ A pass ends in one of three ways:
 - stale: the socket file exists but nothing listens (CH died, §6): no retry
   and no CPU until the socket is created again.
 The daemon cancels the task the moment the socket is deleted; cancellation
-propagates through tenacity's sleep and any in-flight request.
+propagates through tenacity's sleep and any in-flight request. A live VM is
+also looked at every `[retry] resync` seconds, for losses no event announces.
 
-Identity of a CH process is `vmm.ping`'s pid (inode numbers repeat, §6).
-Errors that block a share are remembered per pid, so a new CH process, or a
-config change (a new worker), tries again.
+Identity of a CH process is `vmm.ping`'s pid (inode numbers repeat, §6); a
+pidfd on it pokes the task when CH exits, since a SIGKILLed CH leaves its
+socket and raises no file event. Errors that block a share are remembered per
+pid, so a new CH process, or a config change (a new worker), tries again.
+A backend socket CH could not connect to within its 60 s window is avoided
+until it is re-created, so one stale file costs one API stall, not one per
+retry. Managed shares get their virtiofsd from the BackendSupervisor first and
+are attached only once it listens.
 """
 
 from __future__ import annotations
