@@ -387,3 +387,13 @@ async def test_a_killed_ch_shows_as_not_running_at_once(host: Host) -> None:
     await double.kill()  # leaves its socket: no file event, only the pidfd tells
     await daemon.wait_for(r"api socket is stale vm=web01")
     await eventually(lambda: host.share_state("web01", "data") == "pending", "not attached")
+
+
+async def test_sigterm_during_start_up_with_a_hung_ch_exits_0(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01")
+    await double.call("hang", on=True)
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"starting ")  # READY waits for CH's answer, which never comes
+    assert await daemon.stop(signal.SIGTERM, timeout=10) == 0
+    assert daemon.matching(r"ready ") == []

@@ -200,8 +200,11 @@ class VmWorker:
 
     async def _woken_within(self, seconds: float) -> bool:
         """Wait up to `seconds`; True (and the poke consumed) if poked meanwhile."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+        # races a poke, and the task of a VM that went away would live on.
         try:
-            await asyncio.wait_for(self._poked.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._poked.wait()
         except TimeoutError:
             return False
         self._poked.clear()

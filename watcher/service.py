@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from . import sdnotify, statusfile
 from .config import Config, ConfigError, load_config
@@ -93,10 +95,10 @@ class Service:
         interval = sdnotify.watchdog_interval()
         if interval is not None:
             background.append(asyncio.create_task(sdnotify.watchdog_loop(interval)))
-        await self.daemon.first_look(FIRST_LOOK_TIMEOUT)
-        sdnotify.ready(self._status_line())
-        log.info(kv("ready", status=self._status_line()))
-        await self._stop.wait()
+        if await self._until_stopped(self.daemon.first_look(FIRST_LOOK_TIMEOUT)):
+            sdnotify.ready(self._status_line())
+            log.info(kv("ready", status=self._status_line()))
+            await self._stop.wait()
         log.info(kv("stopping", reason="signal"))
         sdnotify.stopping()
         if self._reload_timer is not None:
@@ -109,6 +111,17 @@ class Service:
         await asyncio.gather(*background, return_exceptions=True)
         self._publish_now()
         return 0
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run `work` unless a stop signal comes first; True if it finished.
+        SIGTERM must end the daemon within seconds even during start-up."""
+        task = asyncio.create_task(work)
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for pending in (task, stop):
+            pending.cancel()
+        await asyncio.gather(task, stop, return_exceptions=True)
+        return not self._stop.is_set()
 
     # ---- reloads ---------------------------------------------------------
 
@@ -166,8 +179,11 @@ class Service:
         and at least every HEARTBEAT seconds."""
         while True:
             # A rewrite at least every HEARTBEAT lets `status` tell a hung daemon.
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+            # races the event being set, and stop() would then hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), statusfile.HEARTBEAT)
+                async with asyncio.timeout(statusfile.HEARTBEAT):
+                    await self._dirty.wait()
             self._dirty.clear()
             document = self._document()
             await asyncio.to_thread(statusfile.write, self.state_path, document)

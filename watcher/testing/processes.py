@@ -46,7 +46,8 @@ class ChildProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
             try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
             except TimeoutError:
                 self.proc.kill()
         return await self.proc.wait()
@@ -80,7 +81,8 @@ class DoubleProcess(ChildProcess):
         )
         assert proc.stdout is not None
         try:
-            ch_pid = await asyncio.wait_for(read_ready_line(proc.stdout), START_TIMEOUT)
+            async with asyncio.timeout(START_TIMEOUT):
+                ch_pid = await read_ready_line(proc.stdout)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -219,9 +221,8 @@ class DaemonProcess:
 
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: enough() or self._reader_done()), timeout
-                )
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: enough() or self._reader_done())
         if not enough():
             tail = "\n".join(self.lines[-30:])
             raise AssertionError(
@@ -237,7 +238,8 @@ class DaemonProcess:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
         try:
-            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                rc = await self.proc.wait()
         finally:
             if self.proc.returncode is None:
                 self.proc.kill()
