@@ -12,13 +12,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support import Host, eventually, includes
 from tests.test_e2e import add_fs_ids, wait_attached
+from watcher.backends_share import MISSING_DIR_FIX
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -71,6 +75,42 @@ async def managed_host(host: Host) -> AsyncIterator[Host]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     await eventually(lambda: virtiofsd_pids(host.root, workers=True) == [], "every virtiofsd gone")
+
+
+def backend_of(host: Host, vm: str, tag: str) -> Any:
+    """The share's `backend` object in the daemon's state file; "absent" before it is written."""
+    for vm_doc in host.status().get("vms", []):
+        for share in vm_doc["shares"] if vm_doc["name"] == vm else []:
+            if share["tag"] == tag:
+                return share.get("backend", "absent")
+    return "absent"
+
+
+async def test_status_shows_each_managed_share_s_virtiofsd(managed_host: Host) -> None:
+    host = managed_host
+    data = host.root / "export"
+    data.mkdir()
+    host.write_config({"web01": ["ext"]}, managed={"web01": [("data", str(data))]})
+    await host.start_backend("web01", "ext")
+    await host.start_daemon()
+    await eventually(lambda: len(virtiofsd_pids(host.root)) == 1, "virtiofsd started")
+    (pid,) = virtiofsd_pids(host.root)
+    listening = {"state": "listening", "pid": pid, "restarts": 0, "last_error": None, "fix": None}
+    await eventually(lambda: backend_of(host, "web01", "data") == listening, "listening, VM off")
+    assert backend_of(host, "web01", "ext") is None  # its virtiofsd is not ours to report
+
+    double = await host.start_double("web01")
+    await wait_attached(double, "cocoon-fs-data", "cocoon-fs-ext")
+    serving = {**listening, "state": "serving"}
+    await eventually(lambda: backend_of(host, "web01", "data") == serving, "serving its VM")
+    shown = subprocess.run(
+        [sys.executable, "-m", "watcher", "status", "--state-file", str(host.state)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines().count(f"web01        virtiofsd: serving pid {pid}") == 1
 
 
 async def test_managed_share_is_attached_and_survives_20_guest_reboots(managed_host: Host) -> None:
@@ -137,8 +177,18 @@ async def test_crash_looping_backend_backs_off_and_says_why(managed_host: Host) 
     )
     assert await add_fs_ids(double) == []  # never add-fs onto a backend that cannot serve
     assert len(daemon.matching(r"virtiofsd failed")) == 1  # said once, not once per attempt
+    assert 'fix="create the folder or fix shared_dir in the config"' in line
+    await eventually(
+        lambda: backend_of(host, "web01", "data")["fix"] == MISSING_DIR_FIX, "the fix in status"
+    )
     missing.mkdir()
     await wait_attached(double, "cocoon-fs-data")
+    recovered = await daemon.wait_for(r"virtiofsd recovered vm=web01 tag=data pid=\d+")
+    assert len(daemon.matching(r"virtiofsd recovered")) == 1
+    await eventually(lambda: backend_of(host, "web01", "data")["fix"] is None, "fix cleared")
+    backend = backend_of(host, "web01", "data")
+    assert f"pid={backend['pid']}" in recovered
+    assert "no-such-folder" in backend["last_error"]  # kept: what the problem was
 
 
 async def test_daemon_restart_keeps_the_live_connection(managed_host: Host) -> None:

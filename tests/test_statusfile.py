@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from watcher import statusfile, statusview
+from watcher.backends_share import BackendStatus
 from watcher.state import ShareState, ShareStatus, SocketState, VmStatus
 from watcher.statusfile import Document, StatusFileError, StatusFileMissing
 
@@ -38,7 +39,15 @@ def web01() -> VmStatus:
         vm_state="Running",
         unmanaged=["cocoon-fs-old"],
     )
-    vm.shares["data"] = ShareStatus("data", "cocoon-fs-data", ShareState.ATTACHED, since=100.5)
+    vm.shares["data"] = ShareStatus(
+        "data",
+        "cocoon-fs-data",
+        ShareState.ATTACHED,
+        since=100.5,
+        backend=BackendStatus(
+            "web01", "data", "/run/r/web01/data.sock", "serving", 5120, 2, "0", "gone"
+        ),
+    )
     vm.shares["logs"] = ShareStatus(
         "logs",
         "cocoon-fs-logs",
@@ -104,6 +113,13 @@ def test_render_builds_the_version_1_document() -> None:
                 "fix": "",
                 "attempt": 0,
                 "next_try_at": None,
+                "backend": {
+                    "state": "serving",
+                    "pid": 5120,
+                    "restarts": 2,
+                    "last_error": "gone",
+                    "fix": None,
+                },
             },
             {
                 "tag": "logs",
@@ -114,6 +130,7 @@ def test_render_builds_the_version_1_document() -> None:
                 "fix": "",
                 "attempt": 3,
                 "next_try_at": 130.0,
+                "backend": None,
             },
             {
                 "tag": "new",
@@ -124,6 +141,7 @@ def test_render_builds_the_version_1_document() -> None:
                 "fix": "",
                 "attempt": 0,
                 "next_try_at": None,
+                "backend": None,
             },
         ],
         "unmanaged": ["cocoon-fs-old"],
@@ -242,6 +260,17 @@ def test_read_ignores_keys_it_does_not_know(tmp_path: Path) -> None:
     assert statusfile.read(str(path))["vms"][0]["shares"][0]["tag"] == "data"
 
 
+def test_read_accepts_a_document_from_before_shares_had_a_backend(tmp_path: Path) -> None:
+    document = json.loads(json.dumps(render(web01())))
+    for share in document["vms"][0]["shares"]:
+        del share["backend"]
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(document))
+    read = statusfile.read(str(path))
+    assert "backend" not in read["vms"][0]["shares"][0]
+    assert "virtiofsd" not in statusview.human(read, now=NOW)
+
+
 # ---- statusview: what `virtiofs-reattach status` prints from the file -------------------
 
 NOW = 1_000_000.0
@@ -308,6 +337,43 @@ def test_human_view_shows_each_share_state(
     state: ShareState, fields: dict[str, Any], expected: str
 ) -> None:
     assert share_line(render(one_share(state, **fields)), "data") == expected
+
+
+@pytest.mark.parametrize(
+    ("state", "pid", "restarts", "error", "fix", "expected"),
+    [
+        ("listening", 123, 0, None, None, "virtiofsd: listening pid 123"),
+        (
+            "serving",
+            123,
+            2,
+            "failed to stat source",
+            None,
+            "virtiofsd: serving pid 123, 2 restarts, last error: failed to stat source",
+        ),
+        (
+            "backoff",
+            None,
+            1,
+            "failed to stat source",
+            "create the folder",
+            "virtiofsd: backoff, 1 restart, last error: failed to stat source;"
+            " fix: create the folder",
+        ),
+        ("stopped", None, 0, None, None, "virtiofsd: stopped"),
+    ],
+)
+def test_human_view_shows_a_managed_share_s_virtiofsd_under_it(
+    state: Any, pid: int | None, restarts: int, error: str | None, fix: str | None, expected: str
+) -> None:
+    backend = BackendStatus("web01", "data", "/r/data.sock", state, pid, restarts, None, error, fix)
+    vm = one_share(ShareState.ATTACHED, since=NOW - 180, backend=backend)
+    vm.shares["external"] = ShareStatus("external", "cocoon-fs-external")
+    lines = statusview.human(render(vm), now=NOW).splitlines()
+    share = lines.index("web01  data      attached           3m")
+    assert lines[share + 1] == f"web01            {expected}"
+    assert lines[share + 2].startswith("web01  external  pending")
+    assert sum("virtiofsd" in line for line in lines) == 1  # none for the external share
 
 
 def test_human_view_header_vm_line_and_unmanaged_devices() -> None:

@@ -90,6 +90,14 @@ class BackendSupervisor:
         backend = self._backends.get(socket)
         return backend.status() if backend is not None else self._failed.get(socket)
 
+    def report(self, share: Share) -> BackendStatus:
+        """``share``'s virtiofsd for the status document; "stopped" when none is supervised
+        for it (``start = "on-demand"`` and its VM is not running)."""
+        status = self.status(share.socket)
+        if status is not None and (status.vm, status.tag) == (share.vm, share.tag):
+            return status
+        return BackendStatus(share.vm, share.tag, share.socket, "stopped", None, 0, None, None)
+
     async def ensure(self, share: Share) -> None:
         """Supervise ``share``: afterwards its socket listens (or an adopted virtiofsd holds it).
 

@@ -8,7 +8,9 @@ reconnects to the same path for only 60 s (virtiofsd.md §2, cloud-hypervisor-ap
   restarts back off exponentially, the reason (virtiofsd's last output line) is logged once
   through a FailureThrottle, and a retry's output lines that repeat the failed run's go to debug;
 * the next virtiofsd starts only after the previous one has exited and been reaped, so two never
-  wait on one listener.
+  wait on one listener;
+* a virtiofsd that reaches accept() after failures logs "virtiofsd recovered" once, so the journal
+  says the problem is over, not only that it began.
 
 The listener stays bound during backoff. A CH connect made then waits in the backlog and is
 served as soon as an attempt succeeds (say, once the shared_dir appears), but CH has no timeout
@@ -41,10 +43,15 @@ from .logs import FailureThrottle, kv
 
 log = logging.getLogger("watcher.backends")
 
-BackendState = Literal["starting", "listening", "serving", "adopted", "backoff", "failed"]
+BackendState = Literal[
+    "starting", "listening", "serving", "adopted", "backoff", "failed", "stopped"
+]
 """starting: spawned, not accepting yet; listening: waiting for its VM; serving: connected;
 adopted: started by an earlier daemon, phase unknown until it logs; backoff: waiting to retry
-after a failure; failed: cannot be started at all (``last_error`` says why), no socket."""
+after a failure; failed: cannot be started at all (``last_error`` says why), no socket;
+stopped: not supervised (``start = "on-demand"`` and its VM is not running)."""
+
+MISSING_DIR_FIX = "create the folder or fix shared_dir in the config"
 
 _LISTENING = ("Waiting for vhost-user socket connection",)
 _SERVING = ("Client connected", "Received vhost-user socket connection")
@@ -75,6 +82,8 @@ class BackendStatus:
     restarts: int
     last_exit: str | None
     last_error: str | None
+    fix: str | None = None
+    """What a human must change to end the current failure, when we can tell."""
 
 
 class ShareBackend:
@@ -102,6 +111,7 @@ class ShareBackend:
         self.runs = 0
         self.last_exit: str | None = None
         self.last_error: str | None = None
+        self.fix: str | None = None
         self._started_at: float | None = None
         self._failing = False
         self._run_lines: deque[str] = deque(maxlen=64)
@@ -145,6 +155,7 @@ class ShareBackend:
             restarts=max(self.runs - 1, 0),
             last_exit=self.last_exit,
             last_error=self.last_error,
+            fix=self.fix,
         )
 
     async def stop(self) -> None:
@@ -218,8 +229,7 @@ class ShareBackend:
             if status.clean or (status.code is None and status.signal is None):
                 # Its VM disconnected; or it was adopted, is not our child, and had been serving.
                 backoff, delay = timing.initial_delay, 0.0
-                self._failing, self._repeat_lines = False, frozenset()
-                self.throttle.clear(self.paths.socket)
+                self._failure_over()
                 log.info(kv("virtiofsd exited, starting the next", **self._ids(), pid=process.pid))
                 continue
             ran = None if self._started_at is None else loop.time() - self._started_at
@@ -228,6 +238,7 @@ class ShareBackend:
             delay, backoff = backoff, min(backoff * 2, timing.max_delay)
             self._repeat_lines = frozenset(self._run_lines)
             reason = self._run_lines[-1] if self._run_lines else "no output"
+            self.fix = None if await self._shared_dir_exists() else MISSING_DIR_FIX
             self._report_failure(str(status), reason, delay)
 
     def _start(self) -> None:
@@ -254,6 +265,17 @@ class ShareBackend:
             # It runs and serves all the same; only a daemon restart would not find it.
             log.warning(kv("cannot write registry file", path=self.paths.registry, error=err))
 
+    async def _shared_dir_exists(self) -> bool:
+        """Asked after a failed run, whatever virtiofsd said: its wording differs by version.
+        In a thread, because a hung mount must not stall the event loop."""
+        shared_dir = self.share.shared_dir
+        return shared_dir is None or await asyncio.to_thread(os.path.isdir, shared_dir)
+
+    def _failure_over(self) -> None:
+        """The next failure is news again; ``last_error`` stays, as history."""
+        self._failing, self._repeat_lines, self.fix = False, frozenset(), None
+        self.throttle.clear(self.paths.socket)
+
     def _report_failure(self, how: str, reason: str, delay: float) -> None:
         self._failing, self.last_error = True, reason
         now = asyncio.get_running_loop().time()
@@ -267,6 +289,7 @@ class ShareBackend:
                     reason=reason,
                     retry_in=f"{delay:g}s",
                     repeats=held_back or None,
+                    fix=self.fix,
                 )
             )
 
@@ -275,12 +298,15 @@ class ShareBackend:
         if not line:
             return
         self._run_lines.append(line)
+        pid = None if self.process is None else self.process.pid
         if any(marker in line for marker in _LISTENING):
             self.state = "listening"
         elif any(marker in line for marker in _SERVING):
             self.state = "serving"
+        if self._failing and self.state in ("listening", "serving"):
+            self._failure_over()
+            log.info(kv("virtiofsd recovered", **self._ids(), pid=pid))
         level = logging.ERROR if "ERROR" in line else logging.INFO
         if line in self._repeat_lines:
             level = logging.DEBUG
-        pid = None if self.process is None else self.process.pid
         log.log(level, kv("virtiofsd", **self._ids(), pid=pid, out=line))

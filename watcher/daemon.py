@@ -117,14 +117,16 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     def statuses(self) -> list[VmStatus]:
-        """Every configured VM, running or not, in config order."""
+        """Every configured VM, running or not, in config order; each managed share
+        with its virtiofsd as the supervisor reports it now."""
         result = []
         for name in self.config.vms:
             running = self._workers.get(name)
-            if running is not None:
-                result.append(running[0].status)
-            else:
-                result.append(self._idle_status(name))
+            status = running[0].status if running is not None else self._idle_status(name)
+            for share in self.config.vms[name]:
+                if share.managed and share.tag in status.shares:
+                    status.shares[share.tag].backend = self._backends.report(share)
+            result.append(status)
         return result
 
     # ---- events -----------------------------------------------------------
@@ -260,6 +262,7 @@ class Daemon:
         running = self._workers.get(share.vm)
         if running is not None:
             running[0].poke()
+        self._on_change()  # the status file shows each managed share's virtiofsd
 
     def _detached(self, vm: str, device_id: str) -> None:
         share = self._release_after_detach.pop((vm, device_id), None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .backends_share import BackendStatus
+
 
 class SocketState(enum.Enum):
     ABSENT = "absent"
@@ -46,6 +48,9 @@ class ShareStatus:
     """For FAILED: what a human must change to unblock it."""
     attempt: int = 0
     next_try_at: float | None = None
+    backend: BackendStatus | None = None
+    """For a managed share, its virtiofsd as the supervisor last reported it; None otherwise.
+    Filled in by the daemon whenever it hands out statuses, not kept up to date here."""
 
 
 @dataclass

@@ -57,7 +57,16 @@ Document, version 1 (the README carries the same text)::
               "detail": "",          # CH's reason, or what is awaited
               "fix": "",             # for failed: what a human must change
               "attempt": 0,          # attempts so far in this state
-              "next_try_at": null    # unix time of the next attempt when retrying
+              "next_try_at": null,   # unix time of the next attempt when retrying
+              "backend": {           # managed shares (shared_dir) only; null for the others
+                "state": "serving",  # starting | listening | serving | adopted |
+                                     # backoff | failed | stopped (on-demand, VM not running)
+                "pid": 5120,         # the current virtiofsd, null when none runs
+                "restarts": 2,       # virtiofsd started again since this daemon took over:
+                                     # once per guest reboot, and at every failed attempt
+                "last_error": null,  # why the last failed run failed (kept after recovery)
+                "fix": null          # what a human must change, while it keeps failing
+              }
             }
           ],
           "unmanaged": []            # device ids with our prefix the config no longer lists
@@ -66,7 +75,8 @@ Document, version 1 (the README carries the same text)::
     }
 
 Readers must ignore keys they do not know: adding a key does not bump the
-version.
+version. A share's ``backend`` came later within version 1, so a reader must
+also accept it missing.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TypedDict, cast
 
+from .backends_share import BackendStatus
 from .config import DEFAULT_RUNTIME_DIR
 from .logs import kv
 from .state import ShareStatus, VmStatus
@@ -109,7 +120,15 @@ class ConfigDoc(TypedDict):
     problems: list[str]
 
 
-class ShareDoc(TypedDict):
+class BackendDoc(TypedDict):
+    state: str
+    pid: int | None
+    restarts: int
+    last_error: str | None
+    fix: str | None
+
+
+class _ShareKeys(TypedDict):
     tag: str
     device_id: str
     state: str
@@ -118,6 +137,12 @@ class ShareDoc(TypedDict):
     fix: str
     attempt: int
     next_try_at: float | None
+
+
+class ShareDoc(_ShareKeys, total=False):
+    backend: BackendDoc | None
+    """Optional: documents written before it was added lack it. (Not NotRequired[]: under
+    ``from __future__ import annotations`` Python 3.11 counts such a key as required.)"""
 
 
 class VmDoc(TypedDict):
@@ -196,6 +221,17 @@ def _share(share: ShareStatus) -> ShareDoc:
         "fix": share.fix,
         "attempt": share.attempt,
         "next_try_at": share.next_try_at,
+        "backend": None if share.backend is None else _backend(share.backend),
+    }
+
+
+def _backend(status: BackendStatus) -> BackendDoc:
+    return {
+        "state": status.state,
+        "pid": status.pid,
+        "restarts": status.restarts,
+        "last_error": status.last_error,
+        "fix": status.fix,
     }
 
 

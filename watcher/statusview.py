@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from .statusfile import (
     HEARTBEAT,
+    BackendDoc,
     Document,
     ShareDoc,
     StatusFileError,
@@ -105,7 +106,8 @@ def as_json(document: Document) -> str:
 
 
 def human(document: Document, *, now: float) -> str:
-    """One header line, then per VM a socket line and one line per share.
+    """One header line, then per VM a socket line and one line per share, followed,
+    for a managed share, by one line about its virtiofsd.
 
     Every line starts with the VM name so `status | grep web01` shows all
     of a VM; times are relative to `now`, because "3m" is what a person
@@ -136,6 +138,9 @@ def human(document: Document, *, now: float) -> str:
                 f"  {since:>4}  {_share_detail(share, now)}"
             )
             lines.append(line.rstrip())
+            backend = share.get("backend")
+            if backend is not None:
+                lines.append(f"{name}  {'':{tag_width}}  virtiofsd: {_backend_summary(backend)}")
         if vm["unmanaged"]:
             lines.append(
                 f"{name}  not in the config, left attached (prune is off): "
@@ -159,6 +164,21 @@ def _vm_summary(vm: VmDoc) -> str:
         parts.append("VM not created")
     summary = ", ".join(parts)
     return f"{summary}: {vm['detail']}" if vm["detail"] else summary
+
+
+def _backend_summary(backend: BackendDoc) -> str:
+    """E.g. "listening pid 5120, 2 restarts, last error: ...": a managed share's virtiofsd,
+    on the line under its share, where the tag column is left blank."""
+    text = backend["state"]
+    if backend["pid"] is not None:
+        text += f" pid {backend['pid']}"
+    if backend["restarts"]:
+        text += f", {_count(backend['restarts'], 'restart')}"
+    if backend["last_error"]:
+        text += f", last error: {backend['last_error']}"
+    if backend["fix"]:
+        text += f"; fix: {backend['fix']}"
+    return text
 
 
 def _share_detail(share: ShareDoc, now: float) -> str:
