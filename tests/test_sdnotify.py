@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from watcher import sdnotify
+from watcher.service import status_line
+from watcher.state import ShareState, ShareStatus, SocketState, VmStatus
 
 RECV_DEADLINE = 5.0
 """Backstop only: every datagram is sent before `notify` returns."""
@@ -160,3 +162,49 @@ def test_a_full_manager_queue_drops_the_message_instead_of_blocking(
         sent += 1
         assert sent < 100_000, "the receive queue never filled"
     assert receive(manager) == ["STATUS=update 0"]
+
+
+# ---- the STATUS= line the service sends (service.status_line) -------------------------------
+
+
+def vm(name: str, socket: SocketState, *states: ShareState) -> VmStatus:
+    status = VmStatus(name=name, api_socket=f"/run/ch/{name}.sock", socket=socket)
+    for i, state in enumerate(states):
+        status.shares[f"s{i}"] = ShareStatus(f"s{i}", f"cocoon-fs-s{i}", state)
+    return status
+
+
+LIVE, ABSENT = SocketState.LIVE, SocketState.ABSENT
+ATTACHED, FAILED = ShareState.ATTACHED, ShareState.FAILED
+
+
+@pytest.mark.parametrize(
+    ("vms", "expected"),
+    [
+        ([], "no VMs configured"),
+        ([vm("a", LIVE, ATTACHED)], "1 of 1 VM running, 1/1 share attached"),
+        (
+            [vm("a", LIVE, ATTACHED, ATTACHED), vm("b", LIVE, ATTACHED), vm("c", ABSENT, FAILED)],
+            "2 of 3 VMs running, 3/3 shares attached",  # c's share does not count: c is off
+        ),
+        ([vm("a", ABSENT, ATTACHED), vm("b", ABSENT)], "0 of 2 VMs running"),
+        (
+            [
+                vm("a", LIVE, ATTACHED, ShareState.PENDING, ShareState.WAITING_BACKEND),
+                vm("b", LIVE, ShareState.RETRYING, ShareState.WAITING_EJECT, FAILED),
+            ],
+            "2 of 2 VMs running, 1/6 shares attached, 4 waiting, 1 failed",
+        ),
+        ([vm("a", LIVE, FAILED)], "1 of 1 VM running, 0/1 share attached, 1 failed"),
+    ],
+)
+def test_status_line_counts_what_is_not_fine_only_when_there_is_some(
+    vms: list[VmStatus], expected: str
+) -> None:
+    assert status_line(vms, config_valid=True) == expected
+
+
+def test_status_line_says_when_the_config_is_invalid() -> None:
+    assert status_line([vm("a", LIVE, ATTACHED)], config_valid=False) == (
+        "1 of 1 VM running, 1/1 share attached; config invalid, running the last good one"
+    )

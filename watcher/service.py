@@ -29,6 +29,7 @@ from .config import Config, ConfigError, load_config
 from .daemon import Daemon
 from .logs import kv
 from .state import ShareState, SocketState, VmStatus
+from .statusview import counted
 
 log = logging.getLogger("watcher.service")
 
@@ -43,17 +44,29 @@ FIRST_LOOK_TIMEOUT = 10.0
 
 
 def status_line(statuses: list[VmStatus], config_valid: bool) -> str:
-    """The STATUS= line: e.g. "12 VMs, 30/30 shares attached, 0 failing"."""
-    running = [vm for vm in statuses if vm.socket is SocketState.LIVE]
-    shares = [share for vm in running for share in vm.shares.values()]
-    attached = sum(share.state is ShareState.ATTACHED for share in shares)
-    failing = sum(share.state is ShareState.FAILED for share in shares)
-    line = (
-        f"{len(running)} of {len(statuses)} VMs running, "
-        f"{attached}/{len(shares)} shares attached, {failing} failing"
-    )
+    """The STATUS= line, e.g. "3 of 4 VMs running, 7/7 shares attached".
+
+    Shares are those of running VMs; the ones still waiting (pending, waiting
+    for a backend or an eject, retrying) and the failed ones are counted only
+    when there are any, so a healthy host reads as such at a glance.
+    """
+    if not statuses:
+        line = "no VMs configured"
+    else:
+        running = [vm for vm in statuses if vm.socket is SocketState.LIVE]
+        shares = [share for vm in running for share in vm.shares.values()]
+        attached = sum(share.state is ShareState.ATTACHED for share in shares)
+        failed = sum(share.state is ShareState.FAILED for share in shares)
+        parts = [f"{len(running)} of {counted(len(statuses), 'VM')} running"]
+        if shares:
+            parts.append(f"{attached}/{counted(len(shares), 'share')} attached")
+        if len(shares) - attached - failed:
+            parts.append(f"{len(shares) - attached - failed} waiting")
+        if failed:
+            parts.append(f"{failed} failed")
+        line = ", ".join(parts)
     if not config_valid:
-        line += "; config invalid, running previous"
+        line += "; config invalid, running the last good one"
     return line
 
 

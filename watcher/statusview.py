@@ -114,9 +114,9 @@ def human(document: Document, *, now: float) -> str:
     checking on a stuck share wants to know.
     """
     config = document["config"]
-    files = _count(len(config["files"]), "file")
+    files = counted(len(config["files"]), "file")
     verdict = (
-        "valid" if config["valid"] else f"INVALID ({_count(len(config['problems']), 'problem')})"
+        "valid" if config["valid"] else f"INVALID ({counted(len(config['problems']), 'problem')})"
     )
     lines = [
         f"virtiofs-reattach pid {document['pid']}, updated {_span(now - document['updated'])} ago;"
@@ -173,7 +173,7 @@ def _backend_summary(backend: BackendDoc) -> str:
     if backend["pid"] is not None:
         text += f" pid {backend['pid']}"
     if backend["restarts"]:
-        text += f", {_count(backend['restarts'], 'restart')}"
+        text += f", {counted(backend['restarts'], 'restart')}"
     if backend["last_error"]:
         text += f", last error: {backend['last_error']}"
     if backend["fix"]:
@@ -195,7 +195,8 @@ def _share_detail(share: ShareDoc, now: float) -> str:
     return text
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """E.g. "1 file", "2 files" (for nouns whose plural takes an s)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
