@@ -32,6 +32,9 @@ from watcher.testing.chdouble_routes import NOT_SIMULATED
 
 DEADLINE = 10.0  # only bounds a hang; nothing here measures speed
 REAL_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian 12's legacy C virtiofsd
+REAL_LOCK_DIR = Path("/run/virtiofsd")
+"""With --socket-path (not --fd) the legacy virtiofsd flocks <this>/<path, '/' as '.'>.pid and
+never removes it; it has no option to put it elsewhere."""
 BACKEND_READY = b"Waiting for vhost-user socket connection"
 NOT_CREATED_STATUS = {"v47": 500, "v52": 500, "v53": 404, "head": 404}
 ADD_FS = ["Error from API", "The fs could not be added to the VM"]
@@ -77,6 +80,7 @@ class Backends:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.processes: list[asyncio.subprocess.Process] = []
+        self.lock_files: list[Path] = []
 
     def path(self, name: str) -> str:
         return str(self.directory / f"{name}.vfs")
@@ -91,6 +95,7 @@ class Backends:
                 "-o",
                 f"source={share}",
             ]
+            self.lock_files.append(REAL_LOCK_DIR / f"{self.path(name).replace('/', '.')}.pid")
         else:
             argv = [sys.executable, "-m", "watcher.testing.fake_virtiofsd"]
             argv.append(f"--socket-path={self.path(name)}")
@@ -115,6 +120,11 @@ async def backends(short_dir: Path) -> AsyncIterator[Backends]:
     pool.kill_all()
     for process in pool.processes:
         await process.wait()
+    for lock_file in pool.lock_files:
+        lock_file.unlink(missing_ok=True)
+    ours = str(short_dir).replace("/", ".")
+    left = [p.name for p in REAL_LOCK_DIR.glob("*.pid") if p.name.startswith(ours)]
+    assert not left, f"left behind in {REAL_LOCK_DIR}: {left}"
 
 
 async def call(
