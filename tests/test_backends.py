@@ -443,10 +443,10 @@ async def test_a_stale_socket_file_is_replaced_and_other_files_are_left_alone(
     assert status_of(supervisor, occupied).state == "failed"
 
 
-async def test_release_stale_stops_a_virtiofsd_whose_share_left_the_config(
+async def test_a_new_daemon_finds_the_shares_an_earlier_one_ran_and_can_release_them(
     harness: Harness,
 ) -> None:
-    share = harness.share()
+    share = harness.share(readonly=True, cache="never")
     old_daemon = harness.supervisor(harness.fake())
     await old_daemon.ensure(share)
     pid = await new_pid(old_daemon, share, [])
@@ -454,10 +454,14 @@ async def test_release_stale_stops_a_virtiofsd_whose_share_left_the_config(
     assert is_running(pid)
 
     new_daemon = harness.supervisor(harness.fake())
-    assert await new_daemon.release_stale(keep={("vm1", "other")}) == [share.socket]
+    (found,) = new_daemon.registered(share.device_id.removesuffix(share.tag))
+    assert found == share
+    assert is_running(pid)
 
+    await new_daemon.release(found)
     assert not is_running(pid)
     assert_removed(harness, share)
+    assert new_daemon.registered("") == []
 
 
 async def test_probe_tells_the_legacy_flags_from_the_rust_flags(

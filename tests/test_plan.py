@@ -38,7 +38,12 @@ def info(*devices: FsDevice, tree: frozenset[str] = frozenset()) -> VmInfo:
 
 
 def steps(
-    desired: list[Share], observed: VmInfo, *, prune: bool = False, present: set[str] | None = None
+    desired: list[Share],
+    observed: VmInfo,
+    *,
+    prune: bool = False,
+    present: set[str] | None = None,
+    ejecting: dict[str, str] | None = None,
 ) -> tuple[plan.Step, ...]:
     return plan.plan_vm(
         desired,
@@ -46,6 +51,7 @@ def steps(
         device_id_prefix=PREFIX,
         prune=prune,
         present_backends=present if present is not None else {s.socket for s in desired},
+        ejecting=ejecting or {},
     )
 
 
@@ -92,7 +98,9 @@ def test_devices_without_our_prefix_are_never_touched() -> None:
 
 def test_empty_prefix_claims_no_device() -> None:
     stray = FsDevice(id="data", tag="data", socket="/s", num_queues=1, queue_size=1024)
-    result = plan.plan_vm([], info(stray), device_id_prefix="", prune=True, present_backends=set())
+    result = plan.plan_vm(
+        [], info(stray), device_id_prefix="", prune=True, present_backends=set(), ejecting={}
+    )
     assert result == ()
 
 
@@ -137,3 +145,24 @@ def test_same_tag_on_a_foreign_device_is_a_conflict() -> None:
     (step,) = steps([data], info(cli))
     assert isinstance(step, plan.Conflict)
     assert step.reason == "tag data is already used by device (unnamed, tag data)"
+
+
+def test_share_waits_for_a_removed_device_still_connected_to_its_socket() -> None:
+    """A renamed share on the same socket: the old device was pruned, but until the
+    guest ejects it CH keeps its vhost-user connection, and a second connect to a
+    one-connection virtiofsd would stall CH's API (§5, §7)."""
+    renamed = share("docs", socket="/run/vfs/data.sock")
+    old_id = PREFIX + "data"
+    observed = info(tree=frozenset({old_id}))
+    assert steps([renamed], observed, ejecting={old_id: renamed.socket}) == (
+        plan.WaitSocket(renamed, old_id),
+    )
+
+
+def test_ejected_device_or_other_socket_does_not_hold_the_share() -> None:
+    data = share("data")
+    gone = {PREFIX + "old": data.socket}
+    assert steps([data], info(), ejecting=gone) == (plan.Attach(data),)
+    elsewhere = {PREFIX + "old": "/run/vfs/other.sock"}
+    pending = info(tree=frozenset({PREFIX + "old"}))
+    assert steps([data], pending, ejecting=elsewhere) == (plan.Attach(data),)

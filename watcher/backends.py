@@ -28,8 +28,9 @@ connection, and must not leave runaways either.
   meanwhile; a virtiofsd never gets SIGPIPE while no daemon reads (``backends_files``).
 * ``release()`` stops the virtiofsd: SIGTERM, then SIGKILL after a deadline, because the legacy
   virtiofsd sometimes ignores SIGTERM while it waits in accept() (tests/test_vhost_user.py).
-  ``release_stale()`` does the same for registry files of shares no longer configured, which a
-  daemon that was down while the configuration changed would otherwise leave running.
+  ``registered()`` lists the registry files of shares no longer configured, which a daemon that
+  was down while the configuration changed would otherwise leave running, or leave unsupervised
+  while a VM still uses them.
 
 A socket whose virtiofsd cannot be started at all (no binary, read-only on the legacy binary) gets
 no listener: a CH connect queued on a listener that no virtiofsd will ever serve would hang CH's
@@ -52,6 +53,7 @@ from .config import BackendSettings, Share
 from .logs import FailureThrottle, kv
 
 __all__ = [
+    "BACKEND_FIX",
     "BackendError",
     "BackendState",
     "BackendStatus",
@@ -60,6 +62,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("watcher.backends")
+
+BACKEND_FIX = "fix the share in the config (applies at once) or [backend] (needs a daemon restart)"
 
 
 class BackendSupervisor:
@@ -104,7 +108,9 @@ class BackendSupervisor:
         Idempotent. It does not wait for virtiofsd to be ready: CH's connect queues in the backlog.
         A changed shared_dir, readonly or cache applies from the next virtiofsd start, so a VM's
         live connection is not cut; a socket that now belongs to another VM or tag is released
-        first. Raises BackendError when the share's virtiofsd cannot be started at all.
+        first, and so is the share's virtiofsd on its old socket when the share moved (the files
+        of a share are named by VM and tag, and its device is replaced anyway). Raises
+        BackendError when the share's virtiofsd cannot be started at all.
         """
         if not share.managed:
             raise ValueError(f"share {share.vm}/{share.tag} has no shared_dir: not ours to run")
@@ -118,6 +124,13 @@ class BackendSupervisor:
                 current = None
             if current is not None and current.share == share:
                 return
+            if current is None:
+                for moved in [
+                    other.share
+                    for other in self._backends.values()
+                    if (other.share.vm, other.share.tag) == (share.vm, share.tag)
+                ]:
+                    await self._release(moved)
             try:
                 argv = (await self._virtiofsd()).argv(share, self._settings.extra_args)
                 if current is not None:
@@ -145,21 +158,29 @@ class BackendSupervisor:
         async with self._lock(share.socket):
             await self._release(share)
 
-    async def release_stale(self, keep: set[tuple[str, str]]) -> list[str]:
-        """Release every registered virtiofsd whose (vm, tag) is not in ``keep``; return sockets.
+    def registered(self, device_id_prefix: str) -> list[Share]:
+        """The shares an earlier daemon ran a virtiofsd for and this one does not supervise.
 
-        For the daemon's start and reloads: a share removed from the configuration while the
-        daemon was down still has its virtiofsd, maybe waiting in accept() forever.
+        For the daemon's start: a share removed from the configuration while the daemon was down
+        still has its virtiofsd, and a VM may still use it (a device is not detached without
+        [watch] prune). The daemon decides which to supervise on and which to release. The
+        queue settings are not recorded; a virtiofsd does not need them.
         """
-        released = []
-        for vm, tag, record in registrations(self._settings.runtime_dir):
-            if (vm, tag) in keep or record.socket in self._backends:
-                continue
-            log.info(kv("releasing virtiofsd of a share no longer configured", vm=vm, tag=tag))
-            async with self._lock(record.socket):
-                await self._release_unsupervised(self._paths(vm, tag, record.socket), vm, tag)
-            released.append(record.socket)
-        return released
+        return [
+            Share(
+                vm=vm,
+                tag=tag,
+                socket=record.socket,
+                num_queues=1,
+                queue_size=1024,
+                device_id=device_id_prefix + tag,
+                shared_dir=record.shared_dir,
+                readonly=record.readonly,
+                cache=record.cache,
+            )
+            for vm, tag, record in registrations(self._settings.runtime_dir)
+            if record.socket not in self._backends
+        ]
 
     async def close(self) -> None:
         """Daemon shutdown: stop watching, but leave every virtiofsd running and every file.

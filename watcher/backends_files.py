@@ -99,12 +99,16 @@ def unlink_socket(path: str) -> None:
 
 @dataclass(frozen=True)
 class Registration:
-    """What a later daemon needs to find, check and stop a share's virtiofsd."""
+    """What a later daemon needs to find, check and stop a share's virtiofsd, and to go on
+    supervising it when its share has left the configuration but a VM still uses it."""
 
     pid: int
     start_ticks: int
     socket: str
     argv: tuple[str, ...]
+    shared_dir: str
+    readonly: bool
+    cache: str
 
 
 def write_registration(path: str, record: Registration) -> None:
@@ -117,6 +121,9 @@ def write_registration(path: str, record: Registration) -> None:
                 "start_ticks": record.start_ticks,
                 "socket": record.socket,
                 "argv": list(record.argv),
+                "shared_dir": record.shared_dir,
+                "readonly": record.readonly,
+                "cache": record.cache,
             },
             file,
         )
@@ -133,6 +140,9 @@ def read_registration(path: str) -> Registration | None:
             start_ticks=int(document["start_ticks"]),
             socket=str(document["socket"]),
             argv=tuple(str(arg) for arg in document["argv"]),
+            shared_dir=str(document["shared_dir"]),
+            readonly=bool(document["readonly"]),
+            cache=str(document["cache"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

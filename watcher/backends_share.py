@@ -258,7 +258,15 @@ class ShareBackend:
             logging.DEBUG if self._failing else logging.INFO,
             kv("virtiofsd started", **self._ids(), pid=process.pid, run=self.runs),
         )
-        record = Registration(process.pid, process.ticks, self.paths.socket, tuple(self.argv))
+        record = Registration(
+            process.pid,
+            process.ticks,
+            self.paths.socket,
+            tuple(self.argv),
+            self.share.shared_dir or "",
+            self.share.readonly,
+            self.share.cache,
+        )
         try:
             write_registration(self.paths.registry, record)
         except OSError as err:

@@ -20,10 +20,10 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from .backends import BackendError, BackendSupervisor
+from .backends import BACKEND_FIX, BackendError, BackendSupervisor
 from .config import DROP_IN_DIR, Config, Share
 from .inotify import FsEvent, FsEventKind, InotifyWatcher
 from .logs import FailureThrottle, kv
@@ -58,7 +58,12 @@ class Daemon:
         self._backend_users: dict[str, set[str]] = defaultdict(set)
         self._watcher = InotifyWatcher(self._on_fs_event)
         self._backends = BackendSupervisor(config.backend, on_state_change=self._backend_changed)
-        self._release_after_detach: dict[tuple[str, str], Share] = {}
+        self._retired: dict[str, Share] = {}
+        """socket -> a managed share the config no longer has (removed, or renamed) whose
+        virtiofsd still runs: supervised while a device of its VM may use it, released once
+        none does or the VM is gone (see _release_unused_backends). A share that only moved
+        to another socket is not retired: the supervisor hands it over (ensure)."""
+        self._first_backend_sync = True
         self._jobs: set[asyncio.Task[Any]] = set()
         self._index_backends()
 
@@ -84,14 +89,19 @@ class Daemon:
         self.config = new
         if old.backend != new.backend:
             log.warning(kv("[backend] changes apply after a restart of the daemon"))
-        self._retire_managed_shares(old, new)
+        self._retire_managed_shares(old.vms.values())
+        replaced: dict[str, VmWorker] = {}
         for name in list(self._workers):
             if self._vm_settings_changed(old, new, name):
-                self._cancel(name)
+                worker, task = self._workers.pop(name)
+                task.cancel()
+                replaced[name] = worker
         self._index_backends()
         self._arm_watches()
         self._background(self._sync_backends())
-        self.rescan()
+        for name in self.config.vms:
+            self._sync_vm(name, replaced.get(name))
+        self._on_change()
 
     async def stop(self) -> None:
         """Cancel every VM task and close the watcher; safe mid-backoff or mid-request.
@@ -148,6 +158,8 @@ class Daemon:
         vm = self.config.watch.api_socket.vm_for(event.path)
         if vm is not None and vm in self.config.vms:
             self._sync_vm(vm)
+        elif vm is not None and not is_socket(event.path):
+            self._vm_gone(vm)  # a VM no longer configured may still have had our virtiofsd
         if event.kind is FsEventKind.CREATED and event.is_socket:
             for user in self._backend_users.get(event.path, ()):
                 running = self._workers.get(user)
@@ -155,17 +167,22 @@ class Daemon:
                     log.debug(kv("backend socket appeared", vm=user, socket=event.path))
                     running[0].backend_appeared(event.path)
 
-    def _sync_vm(self, name: str) -> None:
-        """Start, poke or cancel the VM's worker according to its API socket file."""
+    def _sync_vm(self, name: str, previous: VmWorker | None = None) -> None:
+        """Start, poke or cancel the VM's worker according to its API socket file.
+        `previous` is the worker a config edit replaced; the new one inherits from it."""
         path = self.config.watch.api_socket.path_for(name)
         running = self._workers.get(name)
         if is_socket(path):
             if running is None:
                 running = self._spawn(name, path)
+                if previous is not None:
+                    running[0].inherit(previous)
             running[0].poke()
         elif running is not None:
             log.info(kv("api socket gone", vm=name, socket=path, action="stopped its work"))
             self._cancel(name)
+        else:
+            self._vm_gone(name)
 
     def _spawn(self, name: str, path: str) -> tuple[VmWorker, asyncio.Task[None]]:
         worker = VmWorker(
@@ -181,7 +198,7 @@ class Daemon:
             on_change=self._on_change,
             throttle=self._throttle,
             backends=self._backends,
-            on_detached=self._detached,
+            on_observed=self._release_unused_backends,
         )
         task = asyncio.create_task(worker.run(), name=f"vm:{name}")
         task.add_done_callback(lambda t: self._worker_done(name, t))
@@ -189,13 +206,23 @@ class Daemon:
         return worker, task
 
     def _cancel(self, name: str) -> None:
+        """The VM went away: stop its work, and the virtiofsd it no longer needs."""
         _, task = self._workers.pop(name)
         task.cancel()
-        if self.config.backend.start == "on-demand" and name in self.config.vms:
-            for share in self.config.vms[name]:
-                if share.managed:
-                    self._background(self._backends.release(share))
+        self._vm_gone(name)
         self._on_change()
+
+    def _vm_gone(self, name: str) -> None:
+        """Its CH process is gone and with it every hot-added device: virtiofsd of shares
+        no longer configured can go; with start = "on-demand", so can the configured ones."""
+        for socket, share in list(self._retired.items()):
+            if share.vm == name:
+                del self._retired[socket]
+                self._background(self._backends.release(share))
+        if self.config.backend.start == "on-demand":
+            for share in self.config.vms.get(name, ()):
+                if share.managed and share.socket in self._backends.supervised():
+                    self._background(self._backends.release(share))
 
     def _worker_done(self, name: str, task: asyncio.Task[None]) -> None:
         """A worker only ends by cancellation; anything else is a bug worth a traceback."""
@@ -211,15 +238,28 @@ class Daemon:
     # ---- managed backends -------------------------------------------------
 
     async def _sync_backends(self) -> None:
-        """Start (or adopt) a virtiofsd for every managed share when [backend] start
-        is "always", so a VM started by other tools finds its backend at boot; with
-        pruning, stop the ones an earlier daemon left for shares no longer configured."""
-        managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
-        if self.config.watch.prune:
-            keep = {(s.vm, s.tag) for s in managed}
-            keep |= {(s.vm, s.tag) for s in self._release_after_detach.values()}
-            await self._backends.release_stale(keep)
+        """Supervise what the config and the VMs need, at start and after each reload.
+
+        At the first sync, shares an earlier daemon ran a virtiofsd for and the config no
+        longer lists are taken over as retired ones. Retired shares of a VM that is not
+        running are released; the others stay supervised until their VM's next look shows
+        no device on their socket. With [backend] start = "always", every configured
+        managed share gets its virtiofsd now, so a VM started by other tools finds it."""
+        if self._first_backend_sync:
+            self._first_backend_sync = False
+            self._retire_managed_shares(
+                [self._backends.registered(self.config.watch.device_id_prefix)]
+            )
+        for socket, share in list(self._retired.items()):
+            if self._retired.get(socket) is not share:
+                continue  # released meanwhile by a worker's look at its VM
+            if not is_socket(self.config.watch.api_socket.path_for(share.vm)):
+                del self._retired[socket]
+                await self._backends.release(share)
+            else:
+                await self._ensure_backend(share)
         if self.config.backend.start == "always":
+            managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
             await asyncio.gather(*(self._ensure_backend(share) for share in managed))
 
     async def _ensure_backend(self, share: Share) -> None:
@@ -232,42 +272,48 @@ class Daemon:
                     vm=share.vm,
                     tag=share.tag,
                     reason=exc,
-                    fix="fix the share or [backend] in the config",
+                    fix=BACKEND_FIX,
                 )
             )
 
-    def _retire_managed_shares(self, old: Config, new: Config) -> None:
-        """Managed shares gone from the config: with prune, stop their virtiofsd once
-        the device is detached (at once if the VM is not running); without prune
-        the device stays attached, so its virtiofsd keeps running."""
-        kept = {(s.vm, s.tag) for shares in new.vms.values() for s in shares}
-        for shares in old.vms.values():
+    def _retire_managed_shares(self, candidates: Iterable[Iterable[Share]]) -> None:
+        """Note the managed shares among `candidates` that the config no longer has. Not
+        retired: a share still configured on another socket, or a socket another configured
+        share now uses; the supervisor hands those over (BackendSupervisor.ensure)."""
+        managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
+        taken = {s.socket for s in managed} | set(self._retired)
+        kept = {(s.vm, s.tag) for s in managed}
+        for shares in candidates:
             for share in shares:
-                if not share.managed or (share.vm, share.tag) in kept:
+                if not share.managed or share.socket in taken or (share.vm, share.tag) in kept:
                     continue
-                if not new.watch.prune:
-                    log.info(
-                        kv(
-                            "virtiofsd kept for a share no longer managed",
-                            vm=share.vm,
-                            tag=share.tag,
-                        )
+                log.info(
+                    kv(
+                        "virtiofsd of a share no longer configured",
+                        vm=share.vm,
+                        tag=share.tag,
+                        socket=share.socket,
+                        action="stopped once no device of the VM uses it",
                     )
-                elif share.vm in self._workers:
-                    self._release_after_detach[(share.vm, share.device_id)] = share
-                else:
-                    self._background(self._backends.release(share))
+                )
+                self._retired[share.socket] = share
+
+    def _release_unused_backends(self, vm: str, in_use: frozenset[str]) -> None:
+        """A worker's look at its VM: release the retired virtiofsd no device uses any more
+        (pruned, replaced onto another socket, or never attached)."""
+        for socket, share in list(self._retired.items()):
+            if share.vm == vm and socket not in in_use:
+                del self._retired[socket]
+                log.info(
+                    kv("releasing virtiofsd", vm=vm, tag=share.tag, reason="no device uses it")
+                )
+                self._background(self._backends.release(share))
 
     def _backend_changed(self, share: Share) -> None:
         running = self._workers.get(share.vm)
         if running is not None:
             running[0].poke()
         self._on_change()  # the status file shows each managed share's virtiofsd
-
-    def _detached(self, vm: str, device_id: str) -> None:
-        share = self._release_after_detach.pop((vm, device_id), None)
-        if share is not None:
-            self._background(self._backends.release(share))
 
     def _background(self, job: Coroutine[Any, Any, object]) -> None:
         """Run backend work beside the VM tasks; stop() cancels what is left."""

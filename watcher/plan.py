@@ -16,10 +16,11 @@ Rules, one per share or device, in config order:
   pending and CH refuses the id until the guest ejects (§5);
 - another device already uses the share's socket → `WaitSocket` if that
   device is ours and on its way out (pruned, or replaced onto another
-  socket), else `Conflict`: CH never checks this, and a second connect to a
-  virtiofsd that serves one frontend stalls or hangs CH's API (§7); a device
-  of someone else with the same tag is a `Conflict` too (the guest could not
-  tell the two apart when mounting by tag);
+  socket), or was removed and awaits the guest's eject (it keeps its
+  vhost-user connection until then, §5), else `Conflict`: CH never checks
+  this, and a second connect to a virtiofsd that serves one frontend stalls
+  or hangs CH's API (§7); a device of someone else with the same tag is a
+  `Conflict` too (the guest could not tell the two apart when mounting by tag);
 - id absent and the backend socket not ready → `WaitBackend`: add-fs would
   block the whole CH API for 60 s and then fail (§7);
 - otherwise → `Attach`.
@@ -29,7 +30,7 @@ pruning is on, else `Unmanaged` (left alone, reported once).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from .chclient import FsDevice, VmInfo
@@ -105,8 +106,13 @@ def plan_vm(
     device_id_prefix: str,
     prune: bool,
     present_backends: Collection[str],
+    ejecting: Mapping[str, str],
 ) -> tuple[Step, ...]:
-    """Decide one step per desired share, then one per stray device of ours."""
+    """Decide one step per desired share, then one per stray device of ours.
+
+    `ejecting` maps removed devices still in device_tree to the socket they
+    used: vm.info no longer says it (config.fs lost the entry), so the caller
+    remembers it from earlier looks."""
     by_id = {device.id: device for device in observed.fs if device.id is not None}
     wanted = {share.device_id: share for share in desired}
     steps: list[Step] = []
@@ -116,6 +122,8 @@ def plan_vm(
             steps.append(Satisfied(share) if _matches(share, current) else Replace(share, current))
         elif share.device_id in observed.device_tree_ids:
             steps.append(WaitEject(share))
+        elif (holder := _ejecting_holder(share, observed, ejecting)) is not None:
+            steps.append(WaitSocket(share, holder))
         elif (clash := _clash(share, observed, wanted, device_id_prefix, prune)) is not None:
             steps.append(clash)
         elif share.socket not in present_backends:
@@ -127,6 +135,15 @@ def plan_vm(
             continue
         steps.append(Detach(device_id) if prune else Unmanaged(device_id))
     return tuple(steps)
+
+
+def _ejecting_holder(share: Share, observed: VmInfo, ejecting: Mapping[str, str]) -> str | None:
+    """A removed device, not yet ejected, still connected to the share's socket."""
+    live = {device.id for device in observed.fs}
+    for device_id, socket in ejecting.items():
+        if socket == share.socket and device_id in observed.device_tree_ids - live:
+            return device_id
+    return None
 
 
 def _clash(

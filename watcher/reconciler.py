@@ -51,8 +51,8 @@ from tenacity.stop import StopBaseT
 
 from . import plan
 from .answers import FIXES, Kind, is_retryable
-from .backends import BackendError, BackendSupervisor
-from .chclient import ApiError, BadAnswer, ChClient, NotCloudHypervisor
+from .backends import BACKEND_FIX, BackendError, BackendSupervisor
+from .chclient import ApiError, BadAnswer, ChClient, NotCloudHypervisor, VmInfo
 from .config import RetrySettings, Share
 from .logs import FailureThrottle, kv
 from .state import ShareState, ShareStatus, SocketState, VmStatus
@@ -110,7 +110,7 @@ class VmWorker:
         on_change: Callable[[], None] = lambda: None,
         throttle: FailureThrottle | None = None,
         backends: BackendSupervisor | None = None,
-        on_detached: Callable[[str, str], None] = lambda vm, device_id: None,
+        on_observed: Callable[[str, frozenset[str]], None] = lambda vm, in_use: None,
     ) -> None:
         self.name = name
         self.shares = tuple(shares)
@@ -120,7 +120,7 @@ class VmWorker:
         for share in self.shares:
             self.status.shares[share.tag] = ShareStatus(tag=share.tag, device_id=share.device_id)
         self._on_change = on_change
-        self._on_detached = on_detached
+        self._on_observed = on_observed
         self._backends = backends
         self._throttle = throttle or FailureThrottle()
         self._poked = asyncio.Event()
@@ -130,8 +130,26 @@ class VmWorker:
         self._eject_waiting_since: dict[str, float] = {}
         self._dead_backends: set[str] = set()
         """Backend sockets CH could not connect to for 60 s: not used again until re-created."""
+        self._device_sockets: dict[str, str] = {}
+        """device id -> socket, as last seen in config.fs. A removed device leaves
+        config.fs at once but keeps its backend connection until the guest ejects
+        it (§5), and vm.info then no longer says which socket that is."""
         self._ch_exit_fd: int | None = None
+        self._removed: set[str] = set()
+        """Device ids this pass removed: their sockets are free for on_observed."""
         self._reported_unmanaged: set[str] = set()
+
+    def inherit(self, previous: VmWorker) -> None:
+        """Take over what a worker for the same VM learned before a config edit
+        replaced it: the status of shares that did not change (so an edit does
+        not make them look new, nor log them again), the sockets of devices
+        still being ejected, and the backends known dead. Blocked errors are
+        not taken over: a config edit is the documented way to try again."""
+        for share in self.shares:
+            if share in previous.shares:
+                self.status.shares[share.tag] = previous.status.shares[share.tag]
+        self._device_sockets = dict(previous._device_sockets)
+        self._dead_backends = set(previous._dead_backends)
 
     # ---- driving ---------------------------------------------------------
 
@@ -246,8 +264,14 @@ class VmWorker:
                 device_id_prefix=self.settings.device_id_prefix,
                 prune=self.settings.prune,
                 present_backends={s.socket for s in self.shares if self._backend_ready(s)},
+                ejecting=self._ejecting(info),
             )
+            self._removed.clear()
             pending = [reason for step in steps if (reason := await self._apply(step))]
+            self._on_observed(
+                self.name,
+                frozenset(d.socket for d in info.fs if d.id is None or d.id not in self._removed),
+            )
         except ApiError as exc:
             self.status.vm_state = None
             self.status.detail = f"{exc.call}: {exc.answer.reason}"
@@ -261,6 +285,23 @@ class VmWorker:
         if pending:
             raise _RetryPass("; ".join(pending))
 
+    def _ejecting(self, info: VmInfo) -> dict[str, str]:
+        """Removed devices not yet ejected, with the socket they still hold."""
+        for device in info.fs:
+            if device.id is not None:
+                self._device_sockets[device.id] = device.socket
+        self._device_sockets = {
+            device_id: socket
+            for device_id, socket in self._device_sockets.items()
+            if device_id in info.device_tree_ids
+        }
+        live = {device.id for device in info.fs}
+        return {
+            device_id: socket
+            for device_id, socket in self._device_sockets.items()
+            if device_id not in live
+        }
+
     async def _ensure_managed_backends(self) -> None:
         """Managed shares get their virtiofsd before planning (idempotent; with
         [backend] start = "always" the daemon has done it already)."""
@@ -272,7 +313,7 @@ class VmWorker:
             try:
                 await self._backends.ensure(share)
             except BackendError as exc:
-                fix = "fix the share or [backend] in the config"
+                fix = BACKEND_FIX
                 self._blocked[share.device_id] = str(exc)
                 self._set_for(share, ShareState.FAILED, f"virtiofsd: {exc}", fix=fix)
                 log.error(kv("backend failed", vm=self.name, tag=share.tag, reason=exc, fix=fix))
@@ -397,6 +438,9 @@ class VmWorker:
     async def _attach(self, share: Share) -> str | None:
         if share.device_id in self._blocked:
             return None
+        status = self.status.shares[share.tag]
+        status.detail, status.next_try_at = "vm.add-fs sent, waiting for CH's answer", None
+        self._on_change()
         started = time.monotonic()
         try:
             result = await self.client.add_fs(share)
@@ -461,6 +505,7 @@ class VmWorker:
             await self.client.remove_device(share.device_id)
         except ApiError as exc:
             return self._retrying(share, f"remove for replacement failed: {exc.answer.reason}")
+        self._removed.add(share.device_id)
         log.info(
             kv("replacing", vm=self.name, tag=share.tag, id=share.device_id, old_socket=old_socket)
         )
@@ -475,7 +520,7 @@ class VmWorker:
             log.warning(kv("detach failed", vm=self.name, id=device_id, reason=exc.answer.reason))
             return f"detach {device_id}: {exc.answer.reason}"
         log.info(kv("detached", vm=self.name, id=device_id, reason="removed from the config"))
-        self._on_detached(self.name, device_id)
+        self._removed.add(device_id)
         return None
 
     # ---- status bookkeeping ---------------------------------------------
@@ -572,6 +617,7 @@ class VmWorker:
     def _gone(self) -> None:
         self.status.socket = SocketState.ABSENT
         self.status.ch_pid = None
+        self.status.vm_state = None
         self.status.detail = "no API socket: the VM is not running"
         self._forget_shares("VM not running")
 
@@ -587,6 +633,7 @@ class VmWorker:
             )
         self.status.socket = SocketState.STALE
         self.status.ch_pid = None
+        self.status.vm_state = None
         self.status.detail = "stale API socket: CH is not running"
         self._forget_shares("VM not running")
         self._on_change()

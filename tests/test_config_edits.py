@@ -1,0 +1,161 @@
+"""Config edits and daemon restarts against live VMs: what is kept, what is handed over.
+
+The rule under test: an edit changes only what it names. A share the edit did
+not touch keeps its device, its status and its virtiofsd's live connection; a
+managed share that left the config keeps its virtiofsd for as long as a device
+of its VM may use it (a guest reboot needs a virtiofsd listening again within
+60 s, cloud-hypervisor-api.md §6), also across a daemon restart, and no longer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support import Host, eventually
+from tests.test_e2e import add_fs_ids, wait_attached
+from tests.test_managed import managed_host, virtiofsd_pids
+
+__all__ = ["managed_host"]  # the fixture, used by name
+
+
+def share_doc(host: Host, vm: str, tag: str) -> dict[str, object]:
+    for vm_doc in host.status().get("vms", []):
+        for share in vm_doc["shares"] if vm_doc["name"] == vm else []:
+            if share["tag"] == tag:
+                return dict(share)
+    return {}
+
+
+def write_raw_config(host: Host, body: str) -> None:
+    """A config Host.write_config cannot express (e.g. an explicit managed socket)."""
+    head = (
+        f'[watch]\napi_socket = "{host.api_pattern}"\n'
+        "[retry]\ninitial_delay = 0.05\nmax_delay = 0.5\n"
+        f'[backend]\nruntime_dir = "{host.root / "run"}"\n'
+    )
+    tmp = host.config.with_suffix(".tmp")
+    tmp.write_text(head + body)
+    tmp.rename(host.config)
+
+
+async def test_adding_a_share_leaves_the_attached_one_alone(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    await host.start_backend("web01", "logs")
+    double = await host.start_double("web01")
+    daemon = await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-data")
+    await eventually(lambda: share_doc(host, "web01", "data").get("state") == "attached", "status")
+    since = share_doc(host, "web01", "data")["since"]
+
+    host.write_config({"web01": ["data", "logs"]})
+    await wait_attached(double, "cocoon-fs-logs")
+    await eventually(lambda: share_doc(host, "web01", "logs").get("state") == "attached", "status")
+    assert share_doc(host, "web01", "data")["since"] == since
+    assert daemon.matching(r"already attached vm=web01 tag=data") == []
+    assert await add_fs_ids(double) == ["cocoon-fs-data", "cocoon-fs-logs"]
+
+
+async def test_renamed_share_waits_while_the_old_device_awaits_its_eject(host: Host) -> None:
+    """CH keeps a removed device's vhost-user connection until the guest ejects it
+    (§5); the renamed share must not connect to the same socket meanwhile."""
+    host.write_config({"web01": ["data"]}, extra="prune = true")
+    await host.start_backend("web01", "data")
+    double = await host.start_double("web01", "--eject", "manual")
+    daemon = await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-data")
+    text = host.config.read_text().replace('tag = "data"', 'tag = "data2"')
+    host.config.write_text(text)
+    await daemon.wait_for(r"detached vm=web01 id=cocoon-fs-data")
+    await eventually(
+        lambda: "to leave socket" in str(share_doc(host, "web01", "data2").get("detail")),
+        "the renamed share waits for the old device",
+    )
+    assert "cocoon-fs-data2" not in await add_fs_ids(double)
+
+    await double.call("eject", id="cocoon-fs-data")
+    await eventually(lambda: not host.backends[0].running, "old virtiofsd exits at eject")
+    await host.start_backend("web01", "data")
+    await wait_attached(double, "cocoon-fs-data2")
+    assert (await add_fs_ids(double)).count("cocoon-fs-data2") == 1
+
+
+async def test_on_demand_edit_of_a_running_vm_keeps_its_virtiofsd(managed_host: Host) -> None:
+    host = managed_host
+    data, logs = host.root / "data", host.root / "logs"
+    data.mkdir()
+    logs.mkdir()
+    on_demand = 'start = "on-demand"'
+    host.write_config({}, backend_extra=on_demand, managed={"web01": [("data", str(data))]})
+    await host.start_daemon()
+    double = await host.start_double("web01")
+    await wait_attached(double, "cocoon-fs-data")
+    (serving,) = virtiofsd_pids(host.root)
+
+    managed = {"web01": [("data", str(data)), ("logs", str(logs))]}
+    host.write_config({}, backend_extra=on_demand, managed=managed)
+    await wait_attached(double, "cocoon-fs-logs")
+    assert serving in virtiofsd_pids(host.root)
+    assert await double.call("backends") == ["cocoon-fs-data", "cocoon-fs-logs"]
+    socket = host.managed_socket("web01", "data")
+    assert await double.call("attempts", socket=socket) == [None]  # never reconnected
+
+
+async def test_share_moved_to_another_socket_hands_over_to_a_new_virtiofsd(
+    managed_host: Host,
+) -> None:
+    host = managed_host
+    data = host.root / "data"
+    data.mkdir()
+    host.write_config({}, managed={"web01": [("data", str(data))]})
+    daemon = await host.start_daemon()
+    double = await host.start_double("web01", "--eject", "auto")
+    await wait_attached(double, "cocoon-fs-data")
+    old_socket = host.managed_socket("web01", "data")
+    new_socket = str(host.root / "elsewhere" / "data.sock")
+
+    write_raw_config(
+        host,
+        f'[vm.web01]\nfs = [{{ tag = "data", shared_dir = "{data}", socket = "{new_socket}" }}]\n',
+    )
+    await daemon.wait_for(r"replacing vm=web01 tag=data")
+    await daemon.wait_for(r"virtiofsd released vm=web01 tag=data")
+
+    async def on_new_socket() -> bool:
+        info = await double.call("info")
+        return [fs["socket"] for fs in info["config"].get("fs") or []] == [new_socket]
+
+    await eventually(on_new_socket, "the device re-added on the new socket")
+    await eventually(lambda: len(virtiofsd_pids(host.root)) == 1, "only the new virtiofsd runs")
+    assert not Path(old_socket).exists()
+    assert await double.call("guest-reboot") is True
+    assert await double.call("backends") == ["cocoon-fs-data"]
+
+
+async def test_share_removed_while_the_daemon_was_down_keeps_serving_its_vm(
+    managed_host: Host,
+) -> None:
+    """Without prune the device stays attached, so a guest reboot still needs a
+    virtiofsd: the restarted daemon supervises it until the VM is gone."""
+    host = managed_host
+    data = host.root / "data"
+    data.mkdir()
+    host.write_config({}, managed={"web01": [("data", str(data))]})
+    first = await host.start_daemon()
+    double = await host.start_double("web01")
+    await wait_attached(double, "cocoon-fs-data")
+    assert await first.stop() == 0
+
+    host.write_config({"web01": []})
+    second = await host.start_daemon()
+    await second.wait_for(r"virtiofsd of a share no longer configured vm=web01 tag=data")
+    await second.wait_for(r"adopted virtiofsd left by the previous daemon vm=web01 tag=data")
+    for n in range(3):
+        assert await double.call("guest-reboot") is True, f"reboot {n + 1}"
+        assert await double.call("backends") == ["cocoon-fs-data"], f"after reboot {n + 1}"
+    assert await add_fs_ids(double) == ["cocoon-fs-data"]  # by the first daemon only
+
+    await double.stop()  # the VM is gone, and with it the device
+    await second.wait_for(r"virtiofsd released vm=web01 tag=data")
+    await eventually(lambda: virtiofsd_pids(host.root) == [], "its virtiofsd stopped")
+    assert not (host.root / "run" / "web01").exists()
