@@ -32,7 +32,11 @@ async def bench(root: Path, rounds: int, shares: int) -> list[float]:
     tags = [f"s{i}" for i in range(shares)]
     config = root / "mounts.toml"
     fs = ", ".join(f'{{ tag = "{t}", socket = "{vfs_dir}/{t}.sock" }}' for t in tags)
-    config.write_text(f'[watch]\napi_socket = "{ch_dir}/{{vm}}.sock"\n[vm.bench]\nfs = [{fs}]\n')
+    config.write_text(
+        f'[watch]\napi_socket = "{ch_dir}/{{vm}}.sock"\n'
+        f'[backend]\nruntime_dir = "{root}/run"\n'  # its own daemon lock, not the service's
+        f"[vm.bench]\nfs = [{fs}]\n"
+    )
     api_socket = str(ch_dir / "bench.sock")
     created: dict[str, float] = {}
 

@@ -61,6 +61,15 @@ def _parent(pid: int) -> int | None:
         return None
 
 
+def open_files(pid: int) -> set[str]:
+    """What the process's descriptors point to."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
 @pytest.fixture
 async def managed_host(host: Host) -> AsyncIterator[Host]:
     """The host, and afterwards no virtiofsd of this test left running.
@@ -202,6 +211,9 @@ async def test_daemon_restart_keeps_the_live_connection(managed_host: Host) -> N
     (serving,) = virtiofsd_pids(host.root)
     assert await first.stop() == 0
     assert virtiofsd_pids(host.root) == [serving]  # not killed with the daemon
+    # Nor holding the daemon lock (daemonlock.py), which would keep the next daemon out.
+    lock = str(host.root / "run" / ".daemon.lock")
+    assert all(lock not in open_files(pid) for pid in virtiofsd_pids(host.root, workers=True))
     second = await host.start_daemon()
     await second.wait_for(r"adopted virtiofsd left by the previous daemon .*vm=web01")
     await second.wait_for(r"already attached vm=web01 tag=data")

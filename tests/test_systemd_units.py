@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from watcher import statusfile
+from watcher import daemonlock, statusfile
+from watcher.config import DEFAULT_RUNTIME_DIR
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "virtiofs-reattach.service"
@@ -121,6 +122,10 @@ def test_unit_matches_what_the_daemon_does() -> None:
     assert unit["Service.ExecStart"] == [f"{INSTALLED_EXEC} run"]
     runtime = unit["Service.RuntimeDirectory"]
     assert [os.path.join("/run", d) for d in runtime] == [os.path.dirname(statusfile.DEFAULT_PATH)]
+    # ProtectSystem=strict leaves it writable, so the daemon lock can be created there.
+    assert [os.path.dirname(daemonlock.lock_path(DEFAULT_RUNTIME_DIR))] == [
+        os.path.join("/run", d) for d in runtime
+    ]
     assert unit["Service.RuntimeDirectoryPreserve"] == ["yes"]  # status: "left by pid N"
     assert unit["Service.RestrictAddressFamilies"] == ["AF_UNIX"]
     assert unit["Service.CapabilityBoundingSet"] == [""]
@@ -149,7 +154,7 @@ def expand(name: str, groups: dict[str, list[str]]) -> set[str]:
 
 @needs_systemd_analyze
 def test_syscall_filter_keeps_what_the_daemon_calls() -> None:
-    """inotify, unix-socket connect/send, and the state file's atomic replace survive the filter."""
+    """inotify, unix-socket connect/send, the state file's atomic replace and the lock survive."""
     unit = settings(UNIT)
     groups = syscall_groups()
     allowed: set[str] = set()
@@ -177,6 +182,9 @@ def test_syscall_filter_keeps_what_the_daemon_calls() -> None:
         "renameat2",
         "mkdir",
         "unlink",
+        "flock",  # the daemon lock, with its pid written after a truncate
+        "ftruncate",
+        "fchmod",
     }
     assert needed - allowed == set()
 

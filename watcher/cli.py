@@ -3,7 +3,13 @@
 Exit codes are part of the interface (monitoring and config management use
 them): `check` 0 valid / 1 invalid / 2 usage; `once` and `status` 0 when
 every share of every running VM is attached, else 1; `run` 0 on
-SIGTERM/SIGINT, 1 when it cannot start.
+SIGTERM/SIGINT, 1 when it cannot start (an invalid config, or another daemon
+already running on the same `[backend] runtime_dir`: daemonlock.py).
+
+Only `run` takes the daemon lock. `once` is a manual one-shot that starts no
+virtiofsd, and a `once` racing the daemon is harmless: CH serves one request
+at a time and refuses a second add-fs of an id before connecting its backend,
+and the loser reads that "duplicate id" as "already attached".
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Sequence
 
 from . import statusfile, statusview
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .daemonlock import DaemonLock, LockHeld, LockUnavailable
 from .logs import kv, setup_logging
 from .reconciler import VmSettings, VmWorker, is_socket
 from .service import Service
@@ -49,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "once":
         return asyncio.run(_once(config))
-    return asyncio.run(Service(config, path, _state_path(args)).run())
+    lock = _lock_or_report(config.backend.runtime_dir)
+    if lock is None:
+        return 1
+    with lock:
+        return asyncio.run(Service(config, path, _state_path(args)).run())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,6 +133,25 @@ def _load_or_report(path: str) -> Config | None:
         for problem in exc.problems:
             log.error(kv("config invalid", problem=problem))
         return None
+
+
+def _lock_or_report(runtime_dir: str) -> DaemonLock | None:
+    """The daemon lock, taken before anything touches a VM or a backend; None (logged) if not."""
+    try:
+        return DaemonLock.acquire(runtime_dir)
+    except LockHeld as exc:
+        log.error(
+            kv(
+                "another daemon is running",
+                pid=exc.pid,
+                lock=exc.path,
+                fix="stop it (systemctl stop virtiofs-reattach), "
+                "or give this one its own [backend] runtime_dir",
+            )
+        )
+    except LockUnavailable as exc:
+        log.error(kv("cannot take the daemon lock", lock=exc.path, error=exc.reason, fix=exc.fix))
+    return None
 
 
 async def _once(config: Config) -> int:

@@ -49,6 +49,9 @@ class Demo:
 
     def write_config(self) -> None:
         lines = ["[watch]", f'api_socket = "{self.ch_dir}/{{vm}}.sock"', ""]
+        # Its own runtime_dir: the daemon lock (daemonlock.py) stays in the temp folder, and a
+        # service running on this host does not stop the demo.
+        lines += ["[backend]", f'runtime_dir = "{self.root}/run"', ""]
         for vm, tags in VMS.items():
             shares = ", ".join(
                 f'{{ tag = "{tag}", socket = "{self.backend(vm, tag)}" }}' for tag in tags
