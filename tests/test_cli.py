@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ api_socket = "/run/ch/{vm}.sock"
 [vm.web01]
 fs = [ { tag = "data", socket = "/run/vfs/web01-data.sock" } ]
 """
+
+LEGACY_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -38,6 +41,31 @@ def test_check_accepts_a_valid_file(tmp_path: Path) -> None:
 def test_check_accepts_the_shipped_example() -> None:
     example = Path(__file__).parent.parent / "config" / "mounts.toml"
     assert cli("check", "-c", str(example)).returncode == 0
+
+
+@pytest.mark.skipif(not os.access(LEGACY_VIRTIOFSD, os.X_OK), reason="needs qemu-system-common")
+def test_check_warns_about_what_would_stop_a_managed_share_here(tmp_path: Path) -> None:
+    """Valid config, but this machine could not run it: exit 0 (the file may be
+    meant for another host) with one warning line per share and the fix."""
+    config = tmp_path / "mounts.toml"
+    managed = (
+        f'[vm.db01]\nfs = [ {{ tag = "ro", shared_dir = "{tmp_path}", readonly = true }},'
+        f' {{ tag = "gone", shared_dir = "{tmp_path / "gone"}" }} ]\n'
+    )
+    config.write_text(f'{GOOD}[backend]\nvirtiofsd = "{LEGACY_VIRTIOFSD}"\n{managed}')
+    result = cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, result.stdout
+    assert warnings[0].startswith("warning: vm db01 share ro: ")
+    assert "no read-only mode" in warnings[0]
+    assert warnings[1].startswith("warning: vm db01 share gone: shared_dir")
+    assert "(create it" in warnings[1]
+
+    config.write_text(f'{GOOD}[backend]\nvirtiofsd = "{tmp_path / "nope"}"\n{managed}')
+    result = cli("check", "-c", str(config))
+    assert result.returncode == 0
+    assert "warning: managed shares cannot run here: [backend] virtiofsd" in result.stdout
 
 
 def test_check_lists_every_problem_one_a_line_and_exits_1(tmp_path: Path) -> None:

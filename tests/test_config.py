@@ -7,7 +7,9 @@ from types import MappingProxyType
 import pytest
 
 from watcher import config as config_module
+from watcher import statusfile
 from watcher.apisocket import ApiSocketPattern
+from watcher.backends_files import SharePaths
 from watcher.config import (
     DEFAULT_CONFIG_PATH,
     MAX_CONFIG_BYTES,
@@ -20,6 +22,7 @@ from watcher.config import (
     load_config,
     parse_config,
 )
+from watcher.daemonlock import lock_path
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "mounts.toml"
 
@@ -874,6 +877,67 @@ def test_managed_default_clashing_with_an_explicit_socket() -> None:
         'mounts.toml: vm.web01.fs[0]: default socket "/run/virtiofs-reattach/web01/home.sock" '
         f"is also used by mounts.toml: vm.web02.fs[0].socket {SOCKET_CLASH}"
     )
+
+
+OWN_FILE_FIX = "(give the share a socket path of its own)"
+
+
+@pytest.mark.parametrize("kind", ["registry", "fifo"])
+def test_socket_on_a_managed_share_s_own_file_is_refused(kind: str) -> None:
+    home = SharePaths.of("/run/virtiofs-reattach", "web01", "home", "unused")
+    own = getattr(home, kind)  # the very paths the supervisor writes
+    what = "record" if kind == "registry" else "output FIFO"
+    text = (
+        f'{WATCH}[vm.web01]\nfs = [{{ tag = "home", shared_dir = "/srv" }}]\n'
+        f'[vm.web02]\nfs = [{{ tag = "x", socket = "{own}" }}]\n'
+    )
+    assert one_problem(text) == (
+        f'mounts.toml: vm.web02.fs[0].socket: "{own}" is the daemon\'s own virtiofsd {what} '
+        f'of web01\'s managed share "home" {OWN_FILE_FIX}'
+    )
+
+
+def test_a_managed_share_may_not_listen_on_its_own_record() -> None:
+    own = "/run/virtiofs-reattach/web01/home.json"
+    text = with_share(f'{{ tag = "home", shared_dir = "/srv", socket = "{own}" }}')
+    assert one_problem(text) == (
+        f'mounts.toml: vm.web01.fs[0].socket: "{own}" is the daemon\'s own virtiofsd record '
+        f'of web01\'s managed share "home" {OWN_FILE_FIX}'
+    )
+
+
+def test_a_drop_in_s_managed_share_protects_its_files_from_the_main_file() -> None:
+    main = with_share('{ tag = "x", socket = "/run/virtiofs-reattach/db/home.log" }')
+    drop_in = ("mounts.d/db.toml", '[vm.db]\nfs = [{ tag = "home", shared_dir = "/srv" }]\n')
+    assert one_problem(main, drop_in) == (
+        'mounts.toml: vm.web01.fs[0].socket: "/run/virtiofs-reattach/db/home.log" is the '
+        f"daemon's own virtiofsd output FIFO of db's managed share \"home\" {OWN_FILE_FIX}"
+    )
+
+
+def test_socket_on_the_daemon_lock_or_state_file_is_refused() -> None:
+    lock = lock_path("/run/vr")
+    text = (
+        f'{WATCH}[backend]\nruntime_dir = "/run/vr"\n[vm.web01]\nfs = [\n'
+        f'  {{ tag = "a", socket = "{lock}" }},\n'
+        f'  {{ tag = "b", shared_dir = "/srv", socket = "{statusfile.DEFAULT_PATH}" }},\n'
+        "]\n"
+    )
+    assert problems(text) == (
+        f'mounts.toml: vm.web01.fs[0].socket: "{lock}" is the daemon\'s own lock file '
+        f"{OWN_FILE_FIX}",
+        f'mounts.toml: vm.web01.fs[1].socket: "{statusfile.DEFAULT_PATH}" is the daemon\'s own '
+        f"state file {OWN_FILE_FIX}",
+    )
+
+
+def test_other_files_in_the_runtime_dir_are_fine_as_sockets() -> None:
+    text = (
+        f'{WATCH}[vm.web01]\nfs = [{{ tag = "home", shared_dir = "/srv" }}, '
+        '{ tag = "x", socket = "/run/virtiofs-reattach/web01/other.json" }, '
+        '{ tag = "y", socket = "/run/virtiofs-reattach/.other.lock" }]\n'
+    )
+    assert [share.tag for share in parse(text).vms["web01"]] == ["home", "x", "y"]
 
 
 # --- drop-ins, through parse_config -----------------------------------------------------

@@ -22,6 +22,7 @@ import signal
 from collections.abc import Sequence
 
 from . import statusfile, statusview
+from .backends_virtiofsd import BackendError, find_virtiofsd, probe
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .daemonlock import DaemonLock, LockHeld, LockUnavailable
 from .logs import kv, setup_logging
@@ -123,7 +124,34 @@ def _check(path: str) -> int:
         return 1
     shares = sum(len(shares) for shares in config.vms.values())
     print(f"{path}: valid ({len(config.vms)} VMs, {shares} shares, files: {len(config.files)})")
+    for warning in _backend_warnings(config):
+        print(f"warning: {warning}")
     return 0
+
+
+def _backend_warnings(config: Config) -> list[str]:
+    """What would stop a managed share's virtiofsd on this machine. Warnings, not
+    problems: the config may be checked on another machine than the one it runs on."""
+    managed = [share for shares in config.vms.values() for share in shares if share.managed]
+    if not managed:
+        return []
+    try:
+        virtiofsd = asyncio.run(probe(find_virtiofsd(config.backend.virtiofsd)))
+    except BackendError as exc:
+        return [f"managed shares cannot run here: {exc}"]
+    warnings = []
+    for share in managed:
+        where = f"vm {share.vm} share {share.tag}"
+        try:
+            virtiofsd.argv(share, config.backend.extra_args)
+        except BackendError as exc:
+            warnings.append(f"{where}: {exc}")
+        if share.shared_dir is not None and not os.path.isdir(share.shared_dir):
+            warnings.append(
+                f"{where}: shared_dir {share.shared_dir} is not a folder here"
+                " (create it, or fix shared_dir)"
+            )
+    return warnings
 
 
 def _load_or_report(path: str) -> Config | None:

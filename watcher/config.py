@@ -45,6 +45,7 @@ else:
     import tomli as tomllib
 
 from .apisocket import VM_NAME_RE, VM_NAME_RULE, ApiSocketPattern, path_problem
+from .daemonlock import LOCK_NAME
 
 DEFAULT_CONFIG_PATH = "/etc/virtiofs-reattach/mounts.toml"
 DROP_IN_DIR = "mounts.d"
@@ -53,6 +54,8 @@ DEFAULT_DEVICE_ID_PREFIX = "cocoon-fs-"
 DEFAULT_NUM_QUEUES = 1
 DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_RUNTIME_DIR = "/run/virtiofs-reattach"
+DEFAULT_STATE_PATH = posixpath.join(DEFAULT_RUNTIME_DIR, "state.json")
+"""Where the daemon writes its state document unless told otherwise (statusfile)."""
 CACHE_MODES = ("auto", "always", "never", "metadata")
 
 SUN_PATH_MAX = 107
@@ -239,6 +242,7 @@ def parse_config(files: Sequence[tuple[str, bytes]]) -> Config:
                         f"(move it to the main file {main_name})",
                     )
         vms.add_file(table)
+    vms.check_daemon_files()
 
     if problems or watch is None:
         raise ConfigError(problems)
@@ -636,7 +640,9 @@ class _Vms:
 
     A VM lives in exactly one file, so a drop-in cannot silently change another
     file's VM; a socket serves exactly one device anywhere, because a second
-    vhost-user frontend on one virtiofsd can hang CH (cloud-hypervisor-api.md §7).
+    vhost-user frontend on one virtiofsd can hang CH (cloud-hypervisor-api.md §7);
+    and no socket is a file the daemon keeps for itself, which binding a
+    listener there would replace, or which the daemon would write over the socket.
     """
 
     def __init__(
@@ -655,6 +661,8 @@ class _Vms:
         self._problems = problems
         self._declared_in: dict[str, str] = {}
         self._socket_users: dict[str, str] = {}
+        self._sockets: list[tuple[_Table, str | None, str]] = []
+        """(share table, "socket" or None for the managed default, path) of every kept share."""
 
     def add_file(self, root: _Table) -> None:
         vms = root.table("vm", "write each VM as a [vm.NAME] section")
@@ -784,6 +792,33 @@ class _Vms:
             cache="auto" if cache is None else cache,
         )
 
+    def check_daemon_files(self) -> None:
+        """Once every file is read (a drop-in's managed share has files too): no socket may be
+        one of the daemon's own files.
+
+        Only the state file's default path is known here; ``--state-file`` and
+        ``$VIRTIOFS_REATTACH_STATE`` move it, and then it is the operator's choice of path.
+        """
+        own = {
+            DEFAULT_STATE_PATH: "state file",
+            posixpath.join(self._backend.runtime_dir, LOCK_NAME): "lock file",
+        }
+        for shares in self.shares.values():
+            for managed in (share for share in shares if share.managed):
+                # Named as backends_files.SharePaths names them (a test keeps the two in step).
+                folder = posixpath.join(self._backend.runtime_dir, managed.vm)
+                whose = f"of {managed.vm}'s managed share {_show(managed.tag)}"
+                own[posixpath.join(folder, f"{managed.tag}.json")] = f"virtiofsd record {whose}"
+                own[posixpath.join(folder, f"{managed.tag}.log")] = f"virtiofsd output FIFO {whose}"
+        for share, key, socket in self._sockets:
+            if socket in own:
+                what = _show(socket) if key is not None else f"default socket {_show(socket)}"
+                share.problem(
+                    key,
+                    f"{what} is the daemon's own {own[socket]} "
+                    "(give the share a socket path of its own)",
+                )
+
     def _check_socket(
         self, share: _Table, key: str | None, socket: str, place: str, keep: bool
     ) -> None:
@@ -799,6 +834,7 @@ class _Vms:
             )
         if not keep:
             return
+        self._sockets.append((share, key, socket))
         if socket in self._socket_users:
             share.problem(
                 key,

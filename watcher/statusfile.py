@@ -91,14 +91,14 @@ from collections.abc import Iterable, Sequence
 from typing import TypedDict, cast
 
 from .backends_share import BackendStatus
-from .config import DEFAULT_RUNTIME_DIR
+from .config import DEFAULT_STATE_PATH
 from .logs import kv
 from .state import ShareStatus, VmStatus
 
 log = logging.getLogger("watcher.statusfile")
 
 VERSION = 1
-DEFAULT_PATH = os.path.join(DEFAULT_RUNTIME_DIR, "state.json")
+DEFAULT_PATH = DEFAULT_STATE_PATH
 
 HEARTBEAT = 30.0
 """Longest time, in seconds, between two writes of a working daemon, changes or not.
