@@ -406,6 +406,7 @@ class VmWorker:
                         share,
                         ShareState.WAITING_BACKEND,
                         f"virtiofsd not ready: {why or 'starting'}",
+                        fix=(status.fix or "") if status is not None else "",
                     )
                     return None
                 self._set_for(
