@@ -35,7 +35,7 @@ def test_check_accepts_a_valid_file(tmp_path: Path) -> None:
     config.write_text(GOOD)
     result = cli("check", "-c", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "valid (1 VMs, 1 shares" in result.stdout
+    assert result.stdout.endswith(": valid (1 VM, 1 share, 1 file)\n")
 
 
 def test_check_accepts_the_shipped_example() -> None:

@@ -123,7 +123,14 @@ def _check(path: str) -> int:
             print(problem)
         return 1
     shares = sum(len(shares) for shares in config.vms.values())
-    print(f"{path}: valid ({len(config.vms)} VMs, {shares} shares, files: {len(config.files)})")
+    counts = ", ".join(
+        (
+            statusview.counted(len(config.vms), "VM"),
+            statusview.counted(shares, "share"),
+            statusview.counted(len(config.files), "file"),
+        )
+    )
+    print(f"{path}: valid ({counts})")
     for warning in _backend_warnings(config):
         print(f"warning: {warning}")
     return 0
