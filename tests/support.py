@@ -144,13 +144,17 @@ class Host:
             return {}
         return document
 
-    def share_state(self, vm: str, tag: str) -> str | None:
+    def share_doc(self, vm: str, tag: str) -> dict[str, Any]:
+        """The share's object in the state file; {} while it is not there."""
         for vm_doc in self.status().get("vms", []):
-            if vm_doc["name"] == vm:
-                for share in vm_doc["shares"]:
-                    if share["tag"] == tag:
-                        return str(share["state"])
-        return None
+            for share in vm_doc["shares"] if vm_doc["name"] == vm else []:
+                if share["tag"] == tag:
+                    return dict(share)
+        return {}
+
+    def share_state(self, vm: str, tag: str) -> str | None:
+        state = self.share_doc(vm, tag).get("state")
+        return None if state is None else str(state)
 
     async def cleanup(self) -> None:
         for daemon in self.daemons:

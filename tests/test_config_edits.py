@@ -18,14 +18,6 @@ from tests.test_managed import managed_host, virtiofsd_pids
 __all__ = ["managed_host"]  # the fixture, used by name
 
 
-def share_doc(host: Host, vm: str, tag: str) -> dict[str, object]:
-    for vm_doc in host.status().get("vms", []):
-        for share in vm_doc["shares"] if vm_doc["name"] == vm else []:
-            if share["tag"] == tag:
-                return dict(share)
-    return {}
-
-
 def write_raw_config(host: Host, body: str) -> None:
     """A config Host.write_config cannot express (e.g. an explicit managed socket)."""
     head = (
@@ -45,13 +37,13 @@ async def test_adding_a_share_leaves_the_attached_one_alone(host: Host) -> None:
     double = await host.start_double("web01")
     daemon = await host.start_daemon()
     await wait_attached(double, "cocoon-fs-data")
-    await eventually(lambda: share_doc(host, "web01", "data").get("state") == "attached", "status")
-    since = share_doc(host, "web01", "data")["since"]
+    await eventually(lambda: host.share_doc("web01", "data").get("state") == "attached", "status")
+    since = host.share_doc("web01", "data")["since"]
 
     host.write_config({"web01": ["data", "logs"]})
     await wait_attached(double, "cocoon-fs-logs")
-    await eventually(lambda: share_doc(host, "web01", "logs").get("state") == "attached", "status")
-    assert share_doc(host, "web01", "data")["since"] == since
+    await eventually(lambda: host.share_doc("web01", "logs").get("state") == "attached", "status")
+    assert host.share_doc("web01", "data")["since"] == since
     assert daemon.matching(r"already attached vm=web01 tag=data") == []
     assert await add_fs_ids(double) == ["cocoon-fs-data", "cocoon-fs-logs"]
 
@@ -68,7 +60,7 @@ async def test_renamed_share_waits_while_the_old_device_awaits_its_eject(host: H
     host.config.write_text(text)
     await daemon.wait_for(r"detached vm=web01 id=cocoon-fs-data")
     await eventually(
-        lambda: "to leave socket" in str(share_doc(host, "web01", "data2").get("detail")),
+        lambda: "to leave socket" in str(host.share_doc("web01", "data2").get("detail")),
         "the renamed share waits for the old device",
     )
     assert "cocoon-fs-data2" not in await add_fs_ids(double)

@@ -86,21 +86,9 @@ async def managed_host(host: Host) -> AsyncIterator[Host]:
     await eventually(lambda: virtiofsd_pids(host.root, workers=True) == [], "every virtiofsd gone")
 
 
-def share_fix(host: Host, vm: str, tag: str) -> Any:
-    for vm_doc in host.status().get("vms", []):
-        for share in vm_doc["shares"] if vm_doc["name"] == vm else []:
-            if share["tag"] == tag:
-                return share["fix"]
-    return None
-
-
 def backend_of(host: Host, vm: str, tag: str) -> Any:
     """The share's `backend` object in the daemon's state file; "absent" before it is written."""
-    for vm_doc in host.status().get("vms", []):
-        for share in vm_doc["shares"] if vm_doc["name"] == vm else []:
-            if share["tag"] == tag:
-                return share.get("backend", "absent")
-    return "absent"
+    return host.share_doc(vm, tag).get("backend", "absent")
 
 
 async def test_status_shows_each_managed_share_s_virtiofsd(managed_host: Host) -> None:
@@ -198,7 +186,9 @@ async def test_crash_looping_backend_backs_off_and_says_why(managed_host: Host) 
     await eventually(
         lambda: backend_of(host, "web01", "data")["fix"] == MISSING_DIR_FIX, "the fix in status"
     )
-    await eventually(lambda: share_fix(host, "web01", "data") == MISSING_DIR_FIX, "share's fix")
+    await eventually(
+        lambda: host.share_doc("web01", "data").get("fix") == MISSING_DIR_FIX, "share's fix"
+    )
     missing.mkdir()
     await wait_attached(double, "cocoon-fs-data")
     recovered = await daemon.wait_for(r"virtiofsd recovered vm=web01 tag=data pid=\d+")
