@@ -151,3 +151,27 @@ async def test_share_removed_while_the_daemon_was_down_keeps_serving_its_vm(
     await second.wait_for(r"virtiofsd released vm=web01 tag=data")
     await eventually(lambda: virtiofsd_pids(host.root) == [], "its virtiofsd stopped")
     assert not (host.root / "run" / "web01").exists()
+
+
+async def test_share_removed_then_restored_keeps_its_virtiofsd(managed_host: Host) -> None:
+    """Restored before its VM went away: configured again, so with start = "always"
+    its virtiofsd outlives the VM like any configured share's."""
+    host = managed_host
+    data = host.root / "data"
+    data.mkdir()
+    host.write_config({}, managed={"web01": [("data", str(data))]})
+    daemon = await host.start_daemon()
+    first = await host.start_double("web01")
+    await wait_attached(first, "cocoon-fs-data")
+
+    host.write_config({"web01": []})
+    await daemon.wait_for(r"virtiofsd of a share no longer configured vm=web01 tag=data")
+    host.write_config({}, managed={"web01": [("data", str(data))]})
+    await daemon.wait_for(r"config reloaded", count=2)
+    assert await first.call("guest-reboot") is True
+    await first.stop()
+    await daemon.wait_for(r"api socket gone vm=web01")
+    second = await host.start_double("web01")
+    await wait_attached(second, "cocoon-fs-data")
+    assert await second.call("backends") == ["cocoon-fs-data"]
+    assert daemon.matching(r"releasing virtiofsd|virtiofsd released") == []

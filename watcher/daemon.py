@@ -281,8 +281,11 @@ class Daemon:
         retired: a share still configured on another socket, or a socket another configured
         share now uses; the supervisor hands those over (BackendSupervisor.ensure)."""
         managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
-        taken = {s.socket for s in managed} | set(self._retired)
         kept = {(s.vm, s.tag) for s in managed}
+        for socket, share in list(self._retired.items()):
+            if socket in {s.socket for s in managed} or (share.vm, share.tag) in kept:
+                del self._retired[socket]  # configured again: supervised as any share
+        taken = {s.socket for s in managed} | set(self._retired)
         for shares in candidates:
             for share in shares:
                 if not share.managed or share.socket in taken or (share.vm, share.tag) in kept:
