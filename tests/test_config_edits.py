@@ -9,6 +9,7 @@ of its VM may use it (a guest reboot needs a virtiofsd listening again within
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from tests.support import Host, eventually
@@ -175,3 +176,20 @@ async def test_share_removed_then_restored_keeps_its_virtiofsd(managed_host: Hos
     await wait_attached(second, "cocoon-fs-data")
     assert await second.call("backends") == ["cocoon-fs-data"]
     assert daemon.matching(r"releasing virtiofsd|virtiofsd released") == []
+
+
+async def test_a_backend_known_dead_stays_avoided_across_an_edit(host: Host) -> None:
+    """CH spent its connect window (60 s, here 5 s) on a stale socket file, with its
+    whole API blocked; an edit of the VM's other shares must not pay that again."""
+    host.write_config({"web01": ["data"]})
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(host.backend_socket("web01", "data"))  # closed below: a dead file
+    await host.start_backend("web01", "logs")
+    double = await host.start_double("web01")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"backend unreachable vm=web01 tag=data")
+
+    host.write_config({"web01": ["data", "logs"]})
+    await wait_attached(double, "cocoon-fs-logs")
+    assert (await add_fs_ids(double)).count("cocoon-fs-data") == 1
+    assert "re-created" in str(host.share_doc("web01", "data").get("detail"))

@@ -143,13 +143,18 @@ class VmWorker:
         """Take over what a worker for the same VM learned before a config edit
         replaced it: the status of shares that did not change (so an edit does
         not make them look new, nor log them again), the sockets of devices
-        still being ejected, and the backends known dead. Blocked errors are
-        not taken over: a config edit is the documented way to try again."""
+        still being ejected, the CH process and the backends known dead in it.
+        Blocked errors are not taken over: a config edit is the documented way
+        to try again."""
         for share in self.shares:
             if share in previous.shares:
                 self.status.shares[share.tag] = previous.status.shares[share.tag]
         self._device_sockets = dict(previous._device_sockets)
         self._dead_backends = set(previous._dead_backends)
+        # Same CH process, as far as we know: the dead backends stay dead (a new pid
+        # in the next ping clears them), and its exit must still poke us.
+        self._pid = previous._pid
+        self._watch_ch(self._pid)
 
     # ---- driving ---------------------------------------------------------
 
