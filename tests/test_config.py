@@ -1172,3 +1172,21 @@ def test_load_reports_problems_across_files(tmp_path: Path) -> None:
         f"{tmp_path}/mounts.d/20-c.toml: backend: not allowed in a drop-in, only [vm.*] tables "
         f"are (move it to the main file {main})",
     )
+
+
+def test_socket_on_a_configured_vm_s_api_socket_is_refused() -> None:
+    # The daemon would ping it as web02's CH: that ping would use up the virtiofsd's
+    # one connection.
+    text = (
+        f'{WATCH}[vm.web01]\nfs = [{{ tag = "a", socket = "/run/ch/web02.sock" }}]\n'
+        '[vm.web02]\nfs = [{ tag = "b", socket = "/run/vfs/web02-b.sock" }]\n'
+    )
+    assert one_problem(text) == (
+        'mounts.toml: vm.web01.fs[0].socket: "/run/ch/web02.sock" is where [watch] api_socket '
+        'puts VM "web02"\'s API socket (give the share a socket outside that pattern)'
+    )
+
+
+def test_socket_matching_the_api_pattern_of_no_configured_vm_is_fine() -> None:
+    config = parse(with_share('{ tag = "a", socket = "/run/ch/web01-a.sock" }'))
+    assert config.vms["web01"][0].socket == "/run/ch/web01-a.sock"

@@ -242,7 +242,7 @@ def parse_config(files: Sequence[tuple[str, bytes]]) -> Config:
                         f"(move it to the main file {main_name})",
                     )
         vms.add_file(table)
-    vms.check_daemon_files()
+    vms.check_reserved_sockets()
 
     if problems or watch is None:
         raise ConfigError(problems)
@@ -792,9 +792,9 @@ class _Vms:
             cache="auto" if cache is None else cache,
         )
 
-    def check_daemon_files(self) -> None:
+    def check_reserved_sockets(self) -> None:
         """Once every file is read (a drop-in's managed share has files too): no socket may be
-        one of the daemon's own files.
+        one of the daemon's own files, nor a configured VM's API socket.
 
         Only the state file's default path is known here; ``--state-file`` and
         ``$VIRTIOFS_REATTACH_STATE`` move it, and then it is the operator's choice of path.
@@ -811,12 +811,21 @@ class _Vms:
                 own[posixpath.join(folder, f"{managed.tag}.json")] = f"virtiofsd record {whose}"
                 own[posixpath.join(folder, f"{managed.tag}.log")] = f"virtiofsd output FIFO {whose}"
         for share, key, socket in self._sockets:
+            what = _show(socket) if key is not None else f"default socket {_show(socket)}"
             if socket in own:
-                what = _show(socket) if key is not None else f"default socket {_show(socket)}"
                 share.problem(
                     key,
                     f"{what} is the daemon's own {own[socket]} "
                     "(give the share a socket path of its own)",
+                )
+            owner = None if self._watch is None else self._watch.api_socket.vm_for(socket)
+            if owner is not None and owner in self.shares:
+                # The daemon would ping it as VM `owner`'s CH, and that ping would be the
+                # one connection the virtiofsd there serves (virtiofsd.md §2).
+                share.problem(
+                    key,
+                    f"{what} is where [watch] api_socket puts VM {_show(owner)}'s API socket "
+                    "(give the share a socket outside that pattern)",
                 )
 
     def _check_socket(
