@@ -187,6 +187,23 @@ async def test_socket_that_is_not_ch_gets_one_clear_error(
         server.close()
 
 
+async def test_ch_at_its_connection_limit_is_busy_not_another_api(host: Host) -> None:
+    """micro_http answers the 11th connection with a raw 503 (§9): CH, just busy."""
+    host.write_config({"web01": ["data"]})
+    double = await host.start_double("web01")
+    await host.start_backend("web01", "data")
+    held = [await asyncio.open_unix_connection(host.api_socket("web01")) for _ in range(10)]
+    try:
+        daemon = await host.start_daemon()
+        await daemon.wait_for(r"attach retrying vm=web01 tag=data .*Too many open connections")
+        assert await add_fs_ids(double) == []
+    finally:
+        for _, writer in held:
+            writer.close()
+    await wait_attached(double, "cocoon-fs-data")
+    assert daemon.matching(r"does not support fs attach") == []
+
+
 async def test_sigterm_during_backoff_exits_0(host: Host) -> None:
     host.write_config({"web01": ["data"]})
     await host.start_double("web01", "--vm", "none")  # "VM is not created": retried

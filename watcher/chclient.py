@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import unixhttp
-from .answers import Answer, classify
+from .answers import Answer, classify, is_retryable
 from .config import Share
 
 PING_TIMEOUT = 5.0
@@ -131,6 +131,11 @@ class ChClient:
     async def ping(self) -> VmmIdentity:
         response = await self._call("GET", "vmm.ping", None, PING_TIMEOUT)
         if response.status != 200:
+            answer = classify(response.status, response.body)
+            if is_retryable(answer):
+                # CH, but not free to serve us: micro_http's 503 when ten connections
+                # are open (§9), or a passing 5xx. A 404 or a 400 is another API.
+                raise ApiError("vmm.ping", answer)
             raise NotCloudHypervisor(
                 f"vmm.ping answered HTTP {response.status}: not a Cloud Hypervisor API socket"
             )

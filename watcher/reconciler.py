@@ -358,6 +358,9 @@ class VmWorker:
             except (NotCloudHypervisor, BadAnswer, HttpProtocolError) as exc:
                 self._not_ch(str(exc))
                 raise _StaleSocket from exc
+            except ApiError as exc:  # CH is busy (its connection limit): back off
+                self._unreachable(exc)
+                raise _RetryPass(self.status.detail) from exc
         self.status.socket = SocketState.LIVE
         self.status.ch_version = identity.version
         if identity.pid != self._pid:
