@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -345,6 +346,38 @@ async def test_a_daemon_restart_keeps_the_live_connection_and_adopts_its_virtiof
     assert status_of(new_daemon, share).restarts == 1
     assert await boot_and_shut_down(share.socket) & VIRTIO_F_VERSION_1
     await new_pid(new_daemon, share, [serving, successor])
+
+
+async def test_a_share_moved_while_the_daemon_was_down_keeps_its_old_virtiofsd_until_released(
+    harness: Harness, real_virtiofsd: Path
+) -> None:
+    """Its device on the old socket is replaced, but until the guest ejects it CH holds that
+    connection, and CH <= v51 exits when the backend dies under it (§5, §7)."""
+    share = harness.share()
+    old_daemon = harness.supervisor(real_virtiofsd)
+    await old_daemon.ensure(share)
+    serving = await new_pid(old_daemon, share, [])
+    frontend = await connect_frontend(share.socket)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await frontend.handshake()
+        await old_daemon.close()
+
+        moved = dataclasses.replace(share, socket=str(harness.tmp_path / "sockets" / "new.sock"))
+        harness.shares.append(moved)
+        new_daemon = harness.supervisor(real_virtiofsd)
+        await new_daemon.ensure(moved)
+        await new_pid(new_daemon, moved, [serving])
+        assert is_running(serving)
+        assert not Path(share.socket).exists()  # nothing new connects to the old one
+        async with asyncio.timeout(DEADLINE):
+            assert await frontend.handshake() & VIRTIO_F_VERSION_1  # still served
+
+        await new_daemon.release(share)  # the daemon saw no device on the old socket
+        assert not is_running(serving)
+    finally:
+        frontend.close()
+    assert await boot_and_shut_down(moved.socket) & VIRTIO_F_VERSION_1
 
 
 async def test_a_crash_loop_backs_off_and_logs_its_reason_once(

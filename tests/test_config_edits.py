@@ -100,10 +100,13 @@ async def test_share_moved_to_another_socket_hands_over_to_a_new_virtiofsd(
     host = managed_host
     data = host.root / "data"
     data.mkdir()
+    """The old virtiofsd serves the old device until the guest ejects it: CH <= v51
+    exits altogether when a device's backend dies under it (§5, §7)."""
     host.write_config({}, managed={"web01": [("data", str(data))]})
     daemon = await host.start_daemon()
-    double = await host.start_double("web01", "--eject", "auto")
+    double = await host.start_double("web01", "--profile", "v47", "--eject", "manual")
     await wait_attached(double, "cocoon-fs-data")
+    [old_virtiofsd] = virtiofsd_pids(host.root)
     old_socket = host.managed_socket("web01", "data")
     new_socket = str(host.root / "elsewhere" / "data.sock")
 
@@ -112,6 +115,11 @@ async def test_share_moved_to_another_socket_hands_over_to_a_new_virtiofsd(
         f'[vm.web01]\nfs = [{{ tag = "data", shared_dir = "{data}", socket = "{new_socket}" }}]\n',
     )
     await daemon.wait_for(r"replacing vm=web01 tag=data")
+    await daemon.wait_for(r"virtiofsd of the share's old socket kept until its device leaves")
+    await eventually(lambda: len(virtiofsd_pids(host.root)) == 2, "the new one waits beside it")
+    assert old_virtiofsd in virtiofsd_pids(host.root)
+    assert daemon.matching(r"virtiofsd released") == []
+    await double.call("eject", id="cocoon-fs-data")
     await daemon.wait_for(r"virtiofsd released vm=web01 tag=data")
 
     async def on_new_socket() -> bool:

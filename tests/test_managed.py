@@ -25,6 +25,8 @@ from tests.test_e2e import add_fs_ids, wait_attached
 from watcher.backends_share import MISSING_DIR_FIX
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+INFO = "/api/v1/vm.info"
+REMOVE = "/api/v1/vm.remove-device"
 
 pytestmark = pytest.mark.skipif(
     not os.access(VIRTIOFSD, os.X_OK),
@@ -226,18 +228,34 @@ async def test_daemon_restart_keeps_the_live_connection(managed_host: Host) -> N
 async def test_pruned_managed_share_is_detached_then_its_virtiofsd_stopped(
     managed_host: Host,
 ) -> None:
+    """Only after the guest's eject: until then CH keeps the device's vhost-user
+    connection, and CH <= v51 exits altogether when that backend dies (§5, §7)."""
     host = managed_host
     data = host.root / "export"
     data.mkdir()
     host.write_config({}, extra="prune = true", managed={"web01": [("data", str(data))]})
     daemon = await host.start_daemon()
-    double = await host.start_double("web01", "--eject", "auto")
+    double = await host.start_double("web01", "--profile", "v47", "--eject", "manual")
     await wait_attached(double, "cocoon-fs-data")
+    serving = virtiofsd_pids(host.root)
     host.write_config({"web01": []}, extra="prune = true")
     await daemon.wait_for(r"detached vm=web01 id=cocoon-fs-data")
+
+    async def looked_twice_since_the_remove() -> bool:
+        records = await double.requests()
+        removed = [r["received_at"] for r in records if r["path"] == REMOVE]
+        return bool(removed) and sum(
+            r["path"] == INFO and r["received_at"] > removed[0] for r in records
+        ) >= 2
+
+    await eventually(looked_twice_since_the_remove, "the daemon waits for the eject")
+    assert virtiofsd_pids(host.root) == serving
+    assert daemon.matching(r"virtiofsd released") == []
+    await double.call("eject", id="cocoon-fs-data")
     await daemon.wait_for(r"virtiofsd released vm=web01 tag=data")
     await eventually(lambda: virtiofsd_pids(host.root) == [], "its virtiofsd stopped")
     assert not os.path.exists(host.managed_socket("web01", "data"))
+    assert await double.call("state") == "Running"  # CH lived through it
 
 
 async def test_on_demand_starts_virtiofsd_with_the_vm(managed_host: Host) -> None:

@@ -41,6 +41,7 @@ after 60 s with an error.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -82,6 +83,8 @@ class BackendSupervisor:
         self._timing = timing or BackendTiming()
         self._backends: dict[str, ShareBackend] = {}
         self._failed: dict[str, BackendStatus] = {}
+        self._leaving: dict[str, tuple[Share, BackendProcess]] = {}
+        """Old socket -> the virtiofsd a moved share left there, until release(); see _hand_over."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._probes: dict[str, asyncio.Task[Virtiofsd]] = {}
         self._throttle = FailureThrottle()
@@ -108,9 +111,8 @@ class BackendSupervisor:
         Idempotent. It does not wait for virtiofsd to be ready: CH's connect queues in the backlog.
         A changed shared_dir, readonly or cache applies from the next virtiofsd start, so a VM's
         live connection is not cut; a socket that now belongs to another VM or tag is released
-        first, and so is the share's virtiofsd on its old socket when the share moved (the files
-        of a share are named by VM and tag, and its device is replaced anyway). Raises
-        BackendError when the share's virtiofsd cannot be started at all.
+        first. When the share moved to this socket, its virtiofsd on the old one is handed over
+        (``_hand_over``). Raises BackendError when the share's virtiofsd cannot be started at all.
         """
         if not share.managed:
             raise ValueError(f"share {share.vm}/{share.tag} has no shared_dir: not ours to run")
@@ -130,7 +132,7 @@ class BackendSupervisor:
                     for other in self._backends.values()
                     if (other.share.vm, other.share.tag) == (share.vm, share.tag)
                 ]:
-                    await self._release(moved)
+                    await self._hand_over(moved)
             try:
                 argv = (await self._virtiofsd()).argv(share, self._settings.extra_args)
                 if current is not None:
@@ -187,16 +189,22 @@ class BackendSupervisor:
 
         A virtiofsd waiting in accept() keeps its copy of the listener, so a VM that connects
         while the daemon is down is served; the next daemon adopts it through the registry.
+        One a moved share left on its old socket exits when its VM lets go of it.
         """
         for pending in self._probes.values():
             pending.cancel()
         if self._probes:
             await asyncio.wait(self._probes.values())
         running = [await backend.detach() for backend in self._backends.values()]
-        if any(running):
-            log.info(kv("leaving virtiofsd running for their VMs", count=sum(running)))
+        running += [process for _, process in self._leaving.values()]
+        for process in running:
+            if process is not None:
+                process.close()
+        if count := sum(process is not None for process in running):
+            log.info(kv("leaving virtiofsd running for their VMs", count=count))
         self._backends.clear()
         self._failed.clear()
+        self._leaving.clear()
 
     def _lock(self, socket_path: str) -> asyncio.Lock:
         return self._locks.setdefault(socket_path, asyncio.Lock())
@@ -226,11 +234,16 @@ class BackendSupervisor:
         except OSError as err:
             raise BackendError(f"cannot create {folder}: {err.strerror}") from None
         record = read_registration(paths.registry)
-        adopted = None if record is None else BackendProcess.adopt(record.pid, record.start_ticks)
+        adopted = None
+        if record is not None:
+            try:
+                adopted = BackendProcess.adopt(record.pid, record.start_ticks)
+            except OSError as err:
+                raise BackendError(f"cannot watch virtiofsd pid {record.pid}: {err}") from None
         if adopted is not None and record is not None and record.socket != share.socket:
-            # It listens on a socket the configuration no longer names: nothing can reach it.
-            await terminate(adopted, self._timing.stop_timeout, **_ids(share))
-            unlink_socket(record.socket)
+            # The share moved while the daemon was down; its device may still use the old socket.
+            old = dataclasses.replace(share, socket=record.socket)
+            self._leave_serving(old, adopted)
             adopted = None
         backend = ShareBackend(
             share, argv, paths, self._timing, self._throttle, self._on_state_change
@@ -257,24 +270,62 @@ class BackendSupervisor:
             )
         return backend
 
+    async def _hand_over(self, old: Share) -> None:
+        """The share moved to another socket and its device is being replaced. Until the guest
+        ejects the old device CH keeps its vhost-user connection (cloud-hypervisor-api.md §5),
+        and a virtiofsd killed under it makes CH <= v51 exit altogether (§7). So its virtiofsd
+        is left running, unsupervised: it exits by itself when CH lets go, and release() of the
+        old socket (once the daemon sees no device on it) stops it if it has not. The share's
+        files, named by VM and tag, go to its virtiofsd on the new socket."""
+        backend = self._backends.pop(old.socket)
+        process = await backend.detach()
+        if process is None:
+            unlink_socket(old.socket)
+            log.info(kv("virtiofsd released", **_ids(old)))
+            return
+        self._leave_serving(old, process)
+
+    def _leave_serving(self, old: Share, process: BackendProcess) -> None:
+        unlink_socket(old.socket)  # nothing new may connect there
+        self._leaving[old.socket] = (old, process)
+        log.info(
+            kv(
+                "virtiofsd of the share's old socket kept until its device leaves",
+                **_ids(old),
+                pid=process.pid,
+                socket=old.socket,
+            )
+        )
+
     async def _release(self, share: Share) -> None:
         self._failed.pop(share.socket, None)
         self._throttle.clear(share.socket)
+        leaving = self._leaving.pop(share.socket, None)
+        if leaving is not None:
+            await terminate(leaving[1], self._timing.stop_timeout, **_ids(share))
+            log.info(kv("virtiofsd released", **_ids(share)))
+            return
         backend = self._backends.pop(share.socket, None)
         paths = self._paths(share.vm, share.tag, share.socket)
         if backend is None:
-            await self._release_unsupervised(paths, share.vm, share.tag)
+            await self._release_unsupervised(paths, share)
             return
         await backend.stop()
         paths.remove()
         log.info(kv("virtiofsd released", **_ids(share)))
 
-    async def _release_unsupervised(self, paths: SharePaths, vm: str, tag: str) -> None:
-        """Stop the virtiofsd a registry names, if it still runs, and remove the share's files."""
+    async def _release_unsupervised(self, paths: SharePaths, share: Share) -> None:
+        """Stop the virtiofsd a registry names, if it still runs, and remove the share's files;
+        but when the share now lives on another socket, those files are its new virtiofsd's."""
         record = read_registration(paths.registry)
+        ids = (share.vm, share.tag)
+        moved = any((b.share.vm, b.share.tag) == ids for b in self._backends.values())
+        if moved or (record is not None and record.socket != share.socket):
+            unlink_socket(share.socket)
+            return
         process = None if record is None else BackendProcess.adopt(record.pid, record.start_ticks)
         if process is not None:
-            await terminate(process, self._timing.stop_timeout, vm=vm, tag=tag)
+            await terminate(process, self._timing.stop_timeout, vm=share.vm, tag=share.tag)
         paths.remove()
 
 

@@ -168,15 +168,13 @@ class ShareBackend:
                 self.output.flush()
         self._close_files()
 
-    async def detach(self) -> bool:
-        """Stop the loop, close our descriptors, leave the virtiofsd running; True if one was."""
+    async def detach(self) -> BackendProcess | None:
+        """Stop the loop, close our descriptors, leave the virtiofsd running; return it, still
+        watched (the caller closes it), or None if none ran."""
         await self._cancel()
-        running = self.process is not None
-        if self.process is not None:
-            self.process.close()
-            self.process = None
+        process, self.process = self.process, None
         self._close_files()
-        return running
+        return process
 
     async def _cancel(self) -> None:
         # asyncio.wait, not await: a cancellation of the caller itself must not be swallowed.

@@ -59,10 +59,10 @@ class Daemon:
         self._watcher = InotifyWatcher(self._on_fs_event)
         self._backends = BackendSupervisor(config.backend, on_state_change=self._backend_changed)
         self._retired: dict[str, Share] = {}
-        """socket -> a managed share the config no longer has (removed, or renamed) whose
-        virtiofsd still runs: supervised while a device of its VM may use it, released once
-        none does or the VM is gone (see _release_unused_backends). A share that only moved
-        to another socket is not retired: the supervisor hands it over (ensure)."""
+        """socket -> a managed share the config no longer has there (removed, renamed, or
+        moved to another socket) whose virtiofsd still runs: kept while a device of its VM may
+        use it, released once none does or the VM is gone (see _release_unused_backends). A
+        moved share's old virtiofsd is no longer supervised, only kept (BackendSupervisor)."""
         self._first_backend_sync = True
         self._jobs: set[asyncio.Task[Any]] = set()
         self._index_backends()
@@ -250,13 +250,14 @@ class Daemon:
             self._retire_managed_shares(
                 [self._backends.registered(self.config.watch.device_id_prefix)]
             )
+        configured = {(s.vm, s.tag) for shares in self.config.vms.values() for s in shares}
         for socket, share in list(self._retired.items()):
             if self._retired.get(socket) is not share:
                 continue  # released meanwhile by a worker's look at its VM
             if not is_socket(self.config.watch.api_socket.path_for(share.vm)):
                 del self._retired[socket]
                 await self._backends.release(share)
-            else:
+            elif (share.vm, share.tag) not in configured:  # a moved one is its new socket's
                 await self._ensure_backend(share)
         if self.config.backend.start == "always":
             managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
@@ -277,18 +278,17 @@ class Daemon:
             )
 
     def _retire_managed_shares(self, candidates: Iterable[Iterable[Share]]) -> None:
-        """Note the managed shares among `candidates` that the config no longer has. Not
-        retired: a share still configured on another socket, or a socket another configured
-        share now uses; the supervisor hands those over (BackendSupervisor.ensure)."""
-        managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
-        kept = {(s.vm, s.tag) for s in managed}
-        for socket, share in list(self._retired.items()):
-            if socket in {s.socket for s in managed} or (share.vm, share.tag) in kept:
+        """Note the managed shares among `candidates` whose socket the config no longer has.
+        Not retired: a socket another configured share now uses; the supervisor hands it
+        over (BackendSupervisor.ensure)."""
+        managed = {s.socket for shares in self.config.vms.values() for s in shares if s.managed}
+        for socket in list(self._retired):
+            if socket in managed:
                 del self._retired[socket]  # configured again: supervised as any share
-        taken = {s.socket for s in managed} | set(self._retired)
+        taken = managed | set(self._retired)
         for shares in candidates:
             for share in shares:
-                if not share.managed or share.socket in taken or (share.vm, share.tag) in kept:
+                if not share.managed or share.socket in taken:
                     continue
                 log.info(
                     kv(

@@ -135,8 +135,8 @@ class VmWorker:
         config.fs at once but keeps its backend connection until the guest ejects
         it (§5), and vm.info then no longer says which socket that is."""
         self._ch_exit_fd: int | None = None
-        self._removed: set[str] = set()
-        """Device ids this pass removed: their sockets are free for on_observed."""
+        self._detached: set[str] = set()
+        """Pruned device ids whose eject we wait for: until then CH holds their backend."""
         self._reported_unmanaged: set[str] = set()
 
     def inherit(self, previous: VmWorker) -> None:
@@ -263,19 +263,22 @@ class VmWorker:
             self.status.vm_state = info.state
             self.status.detail = ""
             await self._ensure_managed_backends()
+            ejecting = self._ejecting(info)
             steps = plan.plan_vm(
                 self.shares,
                 info,
                 device_id_prefix=self.settings.device_id_prefix,
                 prune=self.settings.prune,
                 present_backends={s.socket for s in self.shares if self._backend_ready(s)},
-                ejecting=self._ejecting(info),
+                ejecting=ejecting,
             )
-            self._removed.clear()
-            pending = [reason for step in steps if (reason := await self._apply(step))]
+            pending = self._detaching(info)  # before the steps, which may detach more
+            pending += [reason for step in steps if (reason := await self._apply(step))]
+            # A removed device keeps its vhost-user connection until the guest ejects it
+            # (§5): its socket is in use until then, and a virtiofsd killed under it makes
+            # CH <= v51 exit altogether (§7). Devices removed in this pass are in info.fs.
             self._on_observed(
-                self.name,
-                frozenset(d.socket for d in info.fs if d.id is None or d.id not in self._removed),
+                self.name, frozenset(d.socket for d in info.fs) | frozenset(ejecting.values())
             )
         except ApiError as exc:
             self.status.vm_state = None
@@ -514,7 +517,6 @@ class VmWorker:
             await self.client.remove_device(share.device_id)
         except ApiError as exc:
             return self._retrying(share, f"remove for replacement failed: {exc.answer.reason}")
-        self._removed.add(share.device_id)
         log.info(
             kv("replacing", vm=self.name, tag=share.tag, id=share.device_id, old_socket=old_socket)
         )
@@ -529,8 +531,14 @@ class VmWorker:
             log.warning(kv("detach failed", vm=self.name, id=device_id, reason=exc.answer.reason))
             return f"detach {device_id}: {exc.answer.reason}"
         log.info(kv("detached", vm=self.name, id=device_id, reason="removed from the config"))
-        self._removed.add(device_id)
-        return None
+        self._detached.add(device_id)
+        return f"{device_id}: waiting for the guest to eject it"
+
+    def _detaching(self, info: VmInfo) -> list[str]:
+        """Keep looking while a pruned device awaits its eject, so that its virtiofsd is
+        released (on_observed) as soon as the guest has let go of it."""
+        self._detached &= info.device_tree_ids - {device.id for device in info.fs}
+        return [f"{device_id}: waiting for the guest to eject it" for device_id in self._detached]
 
     # ---- status bookkeeping ---------------------------------------------
 
