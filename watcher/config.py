@@ -324,6 +324,9 @@ def _parse_toml(name: str, content: bytes, problems: list[str]) -> dict[str, obj
     except tomllib.TOMLDecodeError as err:
         problems.append(f"{name}:{err.lineno}:{err.colno}: {err.msg}")
         return None
+    except RecursionError as err:  # tomli's own bound on nesting, or Python's
+        problems.append(f"{name}: {err} (a mounts file needs two levels at most)")
+        return None
 
 
 def _key(key: str) -> str:

@@ -104,6 +104,7 @@ class Service:
             )
         )
         self.daemon.start()
+        self._changed()  # `status` must see the daemon at once, even with no VM running
         background = [asyncio.create_task(self._publisher(), name="publisher")]
         interval = sdnotify.watchdog_interval()
         if interval is not None:
@@ -150,6 +151,8 @@ class Service:
         self._reload_timer = loop.call_later(RELOAD_DEBOUNCE, self._start_reload)
 
     def _start_reload(self) -> None:
+        if self._reload_timer is not None:  # SIGHUP while an edit's debounce is pending
+            self._reload_timer.cancel()
         self._reload_timer = None
         if self._reload_task is not None and not self._reload_task.done():
             self._config_edited()  # one at a time; this edit is read after it
@@ -159,28 +162,37 @@ class Service:
     async def _reload(self) -> None:
         sdnotify.reloading()
         try:
+            await self._load_and_apply()
+        finally:
+            # Also after a bug: under Type=notify-reload, `systemctl reload` waits for it.
+            self._changed()
+            sdnotify.ready(self._status_line())
+
+    async def _load_and_apply(self) -> None:
+        try:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
-            self.config_valid, self.problems = False, exc.problems
-            for problem in exc.problems:
-                log.error(kv("config invalid", problem=problem))
-            log.error(
-                kv(
-                    "reload failed",
-                    action="keeping the last good config",
-                    problems=len(exc.problems),
-                )
-            )
+            self._reload_failed(exc.problems)
+            return
+        except Exception as exc:  # a bug: say so, and keep running on the last good config
+            log.exception(kv("reload crashed", config=self.config_path))
+            self._reload_failed((f"{self.config_path}: could not be read ({exc!r}; a bug)",))
+            return
+        was_valid = self.config_valid
+        self.config_valid, self.problems = True, ()
+        if new == self.daemon.config:
+            log.info(kv("config unchanged" if was_valid else "config valid again"))
         else:
-            was_valid = self.config_valid
-            self.config_valid, self.problems = True, ()
-            if new == self.daemon.config:
-                log.info(kv("config unchanged" if was_valid else "config valid again"))
-            else:
-                self.daemon.apply_config(new)
-                log.info(kv("config reloaded", vms=len(new.vms), files=len(new.files)))
-        self._changed()
-        sdnotify.ready(self._status_line())
+            self.daemon.apply_config(new)
+            log.info(kv("config reloaded", vms=len(new.vms), files=len(new.files)))
+
+    def _reload_failed(self, problems: tuple[str, ...]) -> None:
+        self.config_valid, self.problems = False, problems
+        for problem in problems:
+            log.error(kv("config invalid", problem=problem))
+        log.error(
+            kv("reload failed", action="keeping the last good config", problems=len(problems))
+        )
 
     # ---- publishing ------------------------------------------------------
 
