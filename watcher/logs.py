@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TextIO
 
 _PRIORITY = {
@@ -77,6 +78,15 @@ def setup_logging(stream: TextIO | None = None, level: int = logging.INFO) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A crash's traceback through the same handler: prefixed under journald, so it is
+    # filed as an error like any other (Python's default hook writes plain lines).
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    logging.getLogger("watcher").critical(kv("crashed"), exc_info=(kind, value, traceback))
 
 
 REPEAT_INTERVAL = 60.0
