@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
-from watcher.config import RetrySettings
-from watcher.reconciler import VmSettings, VmWorker
+import pytest
+
+from watcher.config import RetrySettings, Share
+from watcher.reconciler import EJECT_PATIENCE, VmSettings, VmWorker
 
 
 def worker() -> VmWorker:
@@ -33,3 +37,28 @@ async def test_woken_within_reports_a_poke_and_consumes_it() -> None:
     w.poke()
     assert await w._woken_within(30) is True
     assert await w._woken_within(0.01) is False
+
+
+def test_an_overdue_eject_is_logged_once_not_at_every_look(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = Share(
+        vm="web01",
+        tag="data",
+        socket="/run/vfs/data.sock",
+        num_queues=1,
+        queue_size=1024,
+        device_id="cocoon-fs-data",
+    )
+    settings = VmSettings(device_id_prefix="cocoon-fs-", prune=False, retry=RetrySettings())
+    w = VmWorker("web01", "/nonexistent/web01.sock", [data], settings)
+    w._eject_waiting_since[data.device_id] = time.monotonic() - EJECT_PATIENCE - 1
+    with caplog.at_level(logging.INFO, logger="watcher.reconciler"):
+        for _ in range(5):  # five looks, each five seconds after the one before
+            w._waiting_eject(data)
+            w._eject_waiting_since[data.device_id] -= 5
+    overdue = [r for r in caplog.records if "eject overdue" in r.getMessage()]
+    assert len(overdue) == 1
+    assert overdue[0].levelno == logging.WARNING
+    assert "ACPI PCI hotplug" in overdue[0].getMessage()
+    assert "ACPI PCI hotplug" in w.status.shares["data"].detail

@@ -274,6 +274,7 @@ class VmWorker:
             )
             pending = self._detaching(info)  # before the steps, which may detach more
             pending += [reason for step in steps if (reason := await self._apply(step))]
+            self._note_unmanaged(steps)
             # A removed device keeps its vhost-user connection until the guest ejects it
             # (§5): its socket is in use until then, and a virtiofsd killed under it makes
             # CH <= v51 exit altogether (§7). Devices removed in this pass are in info.fs.
@@ -439,13 +440,20 @@ class VmWorker:
                 return await self._replace(share, current.socket)
             case plan.Detach(device_id):
                 return await self._detach(device_id)
-            case plan.Unmanaged(device_id):
-                if device_id not in self._reported_unmanaged:
-                    self._reported_unmanaged.add(device_id)
-                    log.info(kv("no longer managed", vm=self.name, id=device_id))
-                if device_id not in self.status.unmanaged:
-                    self.status.unmanaged.append(device_id)
+            case plan.Unmanaged():
+                pass  # reported for all of them at once, _note_unmanaged
         return None
+
+    def _note_unmanaged(self, steps: Sequence[plan.Step]) -> None:
+        """Devices of ours the config no longer lists, as this look found them: one that is
+        gone (removed by hand, or with its CH process) leaves the status, and is news
+        again if it comes back."""
+        found = [step.device_id for step in steps if isinstance(step, plan.Unmanaged)]
+        for device_id in found:
+            if device_id not in self._reported_unmanaged:
+                log.info(kv("no longer managed", vm=self.name, id=device_id))
+        self._reported_unmanaged = set(found)
+        self.status.unmanaged = found
 
     async def _attach(self, share: Share) -> str | None:
         if share.device_id in self._blocked:
@@ -528,7 +536,12 @@ class VmWorker:
         except ApiError as exc:
             if exc.answer.kind is Kind.UNKNOWN_DEVICE:
                 return None
-            log.warning(kv("detach failed", vm=self.name, id=device_id, reason=exc.answer.reason))
+            self._log_throttled(
+                f"{self.name}/{device_id}",
+                logging.WARNING,
+                "detach failed",
+                {"vm": self.name, "id": device_id, "reason": exc.answer.reason},
+            )
             return f"detach {device_id}: {exc.answer.reason}"
         log.info(kv("detached", vm=self.name, id=device_id, reason="removed from the config"))
         self._detached.add(device_id)
@@ -577,32 +590,30 @@ class VmWorker:
         since = self._eject_waiting_since.setdefault(share.device_id, now)
         detail = f"waiting for the guest to eject {share.device_id}"
         if now - since >= EJECT_PATIENCE:
-            detail += (
-                f" for {now - since:.0f}s; does the guest support ACPI PCI hotplug"
-                " and is it running (not paused)?"
-            )
-            self._note_failure(share, "eject overdue", detail, logging.WARNING)
+            # The same words every time, so the throttle holds the repeats back.
+            question = "does the guest support ACPI PCI hotplug and is it running (not paused)?"
+            self._note_failure(share, "eject overdue", f"{detail}; {question}", logging.WARNING)
+            detail += f" for {now - since:.0f}s; {question}"
         self._set_for(share, ShareState.WAITING_EJECT, detail)
         return f"{share.tag}: {detail}"
 
     def _note_failure(self, share: Share, event: str, reason: str, level: int) -> None:
-        key = f"{self.name}/{share.tag}"
-        held_back = self._throttle.admit(key, f"{event}:{reason}", time.monotonic())
-        if held_back is None:
-            return
-        log.log(
-            level,
-            kv(
-                event,
-                vm=self.name,
-                tag=share.tag,
-                id=share.device_id,
-                socket=share.socket,
-                attempt=self.status.shares[share.tag].attempt or None,
-                reason=reason,
-                repeated=held_back or None,
-            ),
-        )
+        fields: dict[str, object] = {
+            "vm": self.name,
+            "tag": share.tag,
+            "id": share.device_id,
+            "socket": share.socket,
+            "attempt": self.status.shares[share.tag].attempt or None,
+            "reason": reason,
+        }
+        self._log_throttled(f"{self.name}/{share.tag}", level, event, fields)
+
+    def _log_throttled(self, key: str, level: int, event: str, fields: dict[str, object]) -> None:
+        """The first of a run of identical failures, then at most one a minute (logs.py)."""
+        signature = f"{event}:{fields.get('reason')}"
+        held_back = self._throttle.admit(key, signature, time.monotonic())
+        if held_back is not None:
+            log.log(level, kv(event, **fields, repeated=held_back or None))
 
     def _mark_all_pending_retrying(self, reason: str) -> None:
         for share in self.shares:
