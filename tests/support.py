@@ -85,6 +85,31 @@ class Host:
         managed: dict[str, list[tuple[str, str]]] | None = None,
     ) -> None:
         """Write mounts.toml atomically (like config management would)."""
+        text = self.config_text(
+            vms,
+            api_socket=api_socket,
+            extra=extra,
+            share_options=share_options,
+            retry_extra=retry_extra,
+            backend_extra=backend_extra,
+            managed=managed,
+        )
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.rename(self.config)
+
+    def config_text(
+        self,
+        vms: dict[str, list[str]],
+        *,
+        api_socket: str | None = None,
+        extra: str = "",
+        share_options: str = "",
+        retry_extra: str = "",
+        backend_extra: str = "",
+        managed: dict[str, list[tuple[str, str]]] | None = None,
+    ) -> str:
+        """The mounts.toml write_config writes: backends in vfs/, managed shares in run/."""
         lines = [
             "[watch]",
             f'api_socket = "{api_socket or self.api_pattern}"',
@@ -108,9 +133,7 @@ class Host:
                 for tag, folder in (managed or {}).get(vm, [])
             ]
             lines.append(f"fs = [{', '.join(shares)}]")
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.rename(self.config)
+        return "\n".join(lines) + "\n"
 
     async def start_double(
         self, vm: str, *options: str, api_socket: str | None = None

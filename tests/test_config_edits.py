@@ -201,3 +201,24 @@ async def test_a_backend_known_dead_stays_avoided_across_an_edit(host: Host) -> 
     await wait_attached(double, "cocoon-fs-logs")
     assert (await add_fs_ids(double)).count("cocoon-fs-data") == 1
     assert "re-created" in str(host.share_doc("web01", "data").get("detail"))
+
+
+async def test_an_edit_keeps_the_retry_state_of_vms_it_does_not_touch(host: Host) -> None:
+    host.write_config({"web01": ["a"], "web02": ["data"]})
+    await host.start_backend("web01", "a")
+    await host.start_backend("web01", "b")
+    await host.start_backend("web02", "data")
+    web01 = await host.start_double("web01")
+    await host.start_double("web02", "--vm", "none")  # "VM is not created", retried with backoff
+    daemon = await host.start_daemon()
+
+    def attempt() -> int:
+        return int(host.share_doc("web02", "data").get("attempt", 0))
+
+    await eventually(lambda: attempt() >= 4, "web02 retried a few times")
+    host.write_config({"web01": ["a", "b"], "web02": ["data"]})
+    await daemon.wait_for("config reloaded")
+    await wait_attached(web01, "cocoon-fs-a", "cocoon-fs-b")
+    before = attempt()
+    await eventually(lambda: attempt() != before, "web02's next attempt")
+    assert attempt() == before + 1  # its backoff went on; a new task would count from 1

@@ -244,9 +244,10 @@ async def test_pruned_managed_share_is_detached_then_its_virtiofsd_stopped(
     async def looked_twice_since_the_remove() -> bool:
         records = await double.requests()
         removed = [r["received_at"] for r in records if r["path"] == REMOVE]
-        return bool(removed) and sum(
-            r["path"] == INFO and r["received_at"] > removed[0] for r in records
-        ) >= 2
+        return (
+            bool(removed)
+            and sum(r["path"] == INFO and r["received_at"] > removed[0] for r in records) >= 2
+        )
 
     await eventually(looked_twice_since_the_remove, "the daemon waits for the eject")
     assert virtiofsd_pids(host.root) == serving

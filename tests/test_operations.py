@@ -22,10 +22,14 @@ import pytest
 
 from tests.support import Host, eventually
 from tests.test_e2e import add_fs_ids, attached_ids, wait_attached
+from watcher import unixhttp
 
 
 class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET.
+
+    Read as datagrams arrive, like systemd does: the daemon drops a message rather than
+    block when the queue is full (net.unix.max_dgram_qlen may be as low as 10)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -33,6 +37,11 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.messages: list[dict[str, str]] = []
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self.drain)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
 
     def drain(self) -> list[dict[str, str]]:
         while True:
@@ -51,7 +60,7 @@ class NotifySocket:
 async def notify(host: Host) -> AsyncIterator[NotifySocket]:
     sock = NotifySocket(host.root / "notify.sock")
     yield sock
-    sock.sock.close()
+    sock.close()
 
 
 def edit_in_place(path: Path, text: str) -> None:
@@ -90,13 +99,22 @@ async def test_ready_after_first_scan_then_edits_apply_three_times_each_way(
     for _round in range(3):
         for _how, edit in edits:
             tags.append(next(letters))
-            host.write_config({"web01": tags})  # renders the text; now apply it the edit's way
-            text = host.config.read_text()
-            edit(host.config, text)
+            edit(host.config, host.config_text({"web01": tags}))  # the one write of this edit
             await wait_attached(double, *(f"cocoon-fs-{t}" for t in tags))
     assert sorted(await add_fs_ids(double)) == sorted(f"cocoon-fs-{t}" for t in tags)
-    assert notify.seen("RELOADING", "1")
-    assert any("MONOTONIC_USEC" in m for m in notify.drain())
+
+    def reloads_each_end_with_ready() -> bool:
+        """Under Type=notify-reload, `systemctl reload` waits for that READY=1."""
+        messages = notify.drain()
+        starts = [i for i, m in enumerate(messages) if m.get("RELOADING") == "1"]
+        ends = [*starts[1:], len(messages)]
+        return len(starts) >= 9 and all(
+            any(m.get("READY") == "1" for m in messages[start + 1 : end])
+            for start, end in zip(starts, ends, strict=True)
+        )
+
+    await eventually(reloads_each_end_with_ready, "READY=1 after every RELOADING=1")
+    assert all("MONOTONIC_USEC" in m for m in notify.drain() if m.get("RELOADING") == "1")
     await daemon.stop()
     assert notify.seen("STOPPING", "1")
 
@@ -162,6 +180,32 @@ async def test_prune_off_reports_prune_on_detaches(host: Host) -> None:
         return await attached_ids(double) == {"cocoon-fs-a"}
 
     await eventually(b_gone, "cocoon-fs-b detached")
+
+
+async def test_a_no_longer_managed_device_that_goes_away_leaves_the_status(host: Host) -> None:
+    host.write_config({"web01": ["a", "b"]}, retry_extra="resync = 0.2")
+    await host.start_backend("web01", "a")
+    await host.start_backend("web01", "b")
+    double = await host.start_double("web01", "--eject", "auto")
+    daemon = await host.start_daemon()
+    await wait_attached(double, "cocoon-fs-a", "cocoon-fs-b")
+    host.write_config({"web01": ["a"]}, retry_extra="resync = 0.2")
+    await daemon.wait_for("no longer managed vm=web01 id=cocoon-fs-b")
+
+    def unmanaged() -> list[str] | None:
+        vms = host.status().get("vms", [])
+        return vms[0]["unmanaged"] if vms else None
+
+    await eventually(lambda: unmanaged() == ["cocoon-fs-b"], "b listed as no longer managed")
+    removed = await unixhttp.request(
+        host.api_socket("web01"),
+        "PUT",
+        "/api/v1/vm.remove-device",
+        b'{"id":"cocoon-fs-b"}',
+        timeout=10,
+    )
+    assert removed.status == 204  # an operator detached it by hand
+    await eventually(lambda: unmanaged() == [], "b gone from the status")
 
 
 async def test_changed_socket_replaces_the_device_only_after_the_eject(host: Host) -> None:
@@ -325,3 +369,34 @@ async def test_edits_to_a_symlinked_config_are_picked_up(host: Host) -> None:
     b_socket = host.backend_socket("web01", "b")
     edit_in_place(target, text.replace("fs = [", f'fs = [{{ tag = "b", socket = "{b_socket}" }}, '))
     await wait_attached(double, "cocoon-fs-a", "cocoon-fs-b")
+
+
+async def test_status_sees_the_daemon_at_once_with_no_vm_running(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    daemon = await host.start_daemon()
+    await daemon.wait_for("ready ")
+    await eventually(lambda: host.status().get("pid") == daemon.proc.pid, "the state file")
+    assert host.status()["vms"][0]["socket"] == "absent"
+
+
+async def test_a_reload_that_breaks_the_parser_keeps_the_daemon_and_says_why(
+    host: Host, notify: NotifySocket
+) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    double = await host.start_double("web01")
+    daemon = await host.start_daemon({"NOTIFY_SOCKET": str(notify.path)})
+    await wait_attached(double, "cocoon-fs-data")
+    edit_in_place(host.config, "x = " + "[" * 1000 + "]" * 1000 + "\n")  # tomli: RecursionError
+    line = await daemon.wait_for("config invalid")
+    assert "nested more than" in line
+    await daemon.wait_for('reload failed action="keeping the last good config"')
+    await eventually(lambda: host.status().get("config", {}).get("valid") is False, "invalid")
+
+    def ready_after_reloading() -> bool:
+        messages = notify.drain()
+        last = max(i for i, m in enumerate(messages) if m.get("RELOADING") == "1")
+        return any(m.get("READY") == "1" for m in messages[last + 1 :])
+
+    await eventually(ready_after_reloading, "READY=1 after the failed reload")
+    assert daemon.proc.returncode is None

@@ -82,6 +82,8 @@ def test_changed_settings_are_replaced() -> None:
     assert steps([data], info(current)) == (plan.Replace(data, current),)
     moved = device(data, socket="/run/old.sock")
     assert steps([data], info(moved)) == (plan.Replace(data, moved),)
+    fewer_queues = device(data, num_queues=2)
+    assert steps([data], info(fewer_queues)) == (plan.Replace(data, fewer_queues),)
 
 
 def test_stray_device_of_ours_is_unmanaged_without_prune_and_detached_with_it() -> None:

@@ -154,6 +154,31 @@ async def test_watchdog_loop_pings_from_the_event_loop_until_cancelled(
         await task
 
 
+async def test_a_blocked_event_loop_sends_no_watchdog_ping(manager: socket.socket) -> None:
+    """The point of pinging from the loop: a stuck loop must make systemd restart us."""
+    manager.setblocking(False)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(sdnotify.watchdog_loop(0.001))
+    try:
+        assert await asyncio.wait_for(loop.sock_recv(manager, 4096), RECV_DEADLINE)
+        while _pending_datagram(manager):
+            pass
+        time.sleep(0.1)  # noqa: ASYNC251 (the point: the loop is stuck for a hundred intervals)
+        assert not _pending_datagram(manager)
+    finally:
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def _pending_datagram(sock: socket.socket) -> bool:
+    try:
+        sock.recv(4096)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def test_a_full_manager_queue_drops_the_message_instead_of_blocking(
     manager: socket.socket,
 ) -> None:
