@@ -62,6 +62,16 @@ def chain(*items: str) -> bytes:
             Kind.TOO_MANY_QUEUES,
         ),
         (
+            500,
+            chain(
+                API,
+                ADD,
+                "Failed to validate config",
+                "Number of vCPUs is insufficient for number of queues",  # older releases
+            ),
+            Kind.TOO_MANY_QUEUES,
+        ),
+        (
             400,
             chain(
                 API,

@@ -58,6 +58,11 @@ _RULES: tuple[_Rule, ...] = (
         "config.rs VhostUserRequiresSharedMemory",
     ),
     _Rule("must not exceed boot vCPUs", Kind.TOO_MANY_QUEUES, "config.rs TooManyQueues"),
+    _Rule(
+        "vCPUs is insufficient for number of queues",
+        Kind.TOO_MANY_QUEUES,
+        "config.rs TooManyQueues, as older releases word it (the double's v47 profile)",
+    ),
     _Rule("Queue number", Kind.BACKEND_QUEUES, "vhost_user/fs.rs queue count vs GET_QUEUE_NUM"),
     _Rule("Cannot create virtio-fs device", Kind.BACKEND_UNREACHABLE, "device_manager.rs"),
     _Rule("Failed to validate config", Kind.INVALID_CONFIG, "vmm/src/config.rs validate()"),
