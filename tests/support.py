@@ -81,6 +81,7 @@ class Host:
         extra: str = "",
         share_options: str = "",
         retry_extra: str = "",
+        backoff: tuple[float, float] = (0.05, 0.5),
         backend_extra: str = "",
         managed: dict[str, list[tuple[str, str]]] | None = None,
     ) -> None:
@@ -91,6 +92,7 @@ class Host:
             extra=extra,
             share_options=share_options,
             retry_extra=retry_extra,
+            backoff=backoff,
             backend_extra=backend_extra,
             managed=managed,
         )
@@ -106,6 +108,7 @@ class Host:
         extra: str = "",
         share_options: str = "",
         retry_extra: str = "",
+        backoff: tuple[float, float] = (0.05, 0.5),
         backend_extra: str = "",
         managed: dict[str, list[tuple[str, str]]] | None = None,
     ) -> str:
@@ -115,8 +118,8 @@ class Host:
             f'api_socket = "{api_socket or self.api_pattern}"',
             extra,
             "[retry]",
-            "initial_delay = 0.05",
-            "max_delay = 0.5",
+            f"initial_delay = {backoff[0]}",
+            f"max_delay = {backoff[1]}",
             retry_extra,
             "[backend]",
             f'runtime_dir = "{self.root / "run"}"',

@@ -85,9 +85,22 @@ async def test_stale_socket_waits_quietly_for_the_next_ch(host: Host) -> None:
         lambda: any(vm.get("socket") == "stale" for vm in host.status().get("vms", [])),
         "state file says stale",
     )
+    # No busy loop while it stays stale: over a second of wall time the daemon uses next to
+    # no CPU (a measurement window, not a wait for something to happen).
+    before, written = cpu_seconds(daemon.proc.pid), host.status()["updated"]
+    await asyncio.sleep(1.0)
+    assert cpu_seconds(daemon.proc.pid) - before < 0.3
+    assert host.status()["updated"] == written  # nothing new to say: not even looked at again
     double = await host.start_double("web01")  # head profile replaces the stale file
     await wait_attached(double, "cocoon-fs-data")
     assert len(daemon.matching(r"api socket is stale vm=web01")) == 1
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the process so far (/proc/<pid>/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def test_backend_appearing_late_is_attached_without_early_add_fs(host: Host) -> None:
@@ -204,12 +217,23 @@ async def test_ch_at_its_connection_limit_is_busy_not_another_api(host: Host) ->
     assert daemon.matching(r"does not support fs attach") == []
 
 
+async def test_give_up_after_bounds_the_retries(host: Host) -> None:
+    host.write_config({"web01": ["data"]}, retry_extra="give_up_after = 0.5")
+    await host.start_double("web01", "--vm", "none")  # "VM is not created", for ever
+    await host.start_backend("web01", "data")
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"giving up vm=web01")
+    await eventually(lambda: host.share_state("web01", "data") == "failed", "failed")
+    assert host.share_doc("web01", "data")["detail"].startswith("gave up after 0.5s")
+
+
 async def test_sigterm_during_backoff_exits_0(host: Host) -> None:
-    host.write_config({"web01": ["data"]})
+    host.write_config({"web01": ["data"]}, backoff=(60, 120))
     await host.start_double("web01", "--vm", "none")  # "VM is not created": retried
     await host.start_backend("web01", "data")
     daemon = await host.start_daemon()
     await daemon.wait_for(r"attach retrying vm=web01 tag=data")
+    # Now in a 60 s backoff: exiting within the stop deadline means it did not wait it out.
     assert await daemon.stop(signal.SIGTERM, timeout=10) == 0
 
 
@@ -224,6 +248,26 @@ async def test_sigterm_during_a_hung_api_call_exits_0(host: Host) -> None:
 
     await eventually(ping_pending, "the daemon's ping reached the hung double")
     assert await daemon.stop(signal.SIGTERM, timeout=10) == 0
+
+
+async def test_sigterm_during_a_hung_add_fs_exits_0(host: Host) -> None:
+    """A backend socket that listens but is never served hangs CH's add-fs (no handshake
+    timeout, §7), and add-fs's own deadline is 90 s: the stop must not wait for it."""
+    host.write_config({"web01": ["data"]})
+    unserved = socket.socket(socket.AF_UNIX)
+    unserved.bind(host.backend_socket("web01", "data"))
+    unserved.listen(1)
+    try:
+        double = await host.start_double("web01")
+        daemon = await host.start_daemon()
+
+        async def add_fs_pending() -> bool:
+            return bool(await double.requests(ADD_FS))
+
+        await eventually(add_fs_pending, "the daemon's add-fs reached the double")
+        assert await daemon.stop(signal.SIGTERM, timeout=10) == 0
+    finally:
+        unserved.close()
 
 
 async def test_vm_created_later_is_attached_once_booted(host: Host) -> None:

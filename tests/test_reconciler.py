@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from tenacity import RetryCallState
 
+from watcher import chclient
+from watcher.chclient import AddFsResult, ChClient
 from watcher.config import RetrySettings, Share
 from watcher.reconciler import EJECT_PATIENCE, VmSettings, VmWorker
+from watcher.state import ShareState
+from watcher.testing.chdouble import CloudHypervisorDouble
 
 
 def worker() -> VmWorker:
@@ -62,3 +71,102 @@ def test_an_overdue_eject_is_logged_once_not_at_every_look(
     assert overdue[0].levelno == logging.WARNING
     assert "ACPI PCI hotplug" in overdue[0].getMessage()
     assert "ACPI PCI hotplug" in w.status.shares["data"].detail
+
+
+# ---- against the in-process CH double ---------------------------------------------------
+
+
+def data_share(socket: str) -> Share:
+    return Share(
+        vm="web01",
+        tag="data",
+        socket=socket,
+        num_queues=1,
+        queue_size=1024,
+        device_id="cocoon-fs-data",
+    )
+
+
+@pytest.fixture
+async def created_vm(short_tmp: Path) -> AsyncIterator[CloudHypervisorDouble]:
+    """A VM created, not booted: add-fs only edits its config (204), so no backend is needed."""
+    double = CloudHypervisorDouble(str(short_tmp / "api.sock"), vm="created")
+    await double.start()
+    yield double
+    await double.stop(clean=False)
+
+
+def add_fs_count(double: CloudHypervisorDouble) -> int:
+    return sum(r.path == "/api/v1/vm.add-fs" for r in double.requests)
+
+
+async def test_a_duplicate_id_answer_is_read_as_attached(
+    created_vm: CloudHypervisorDouble, short_tmp: Path
+) -> None:
+    """Someone (Cocoon, a `once`) adds the device between our vm.info and our add-fs."""
+    backend = socket.socket(socket.AF_UNIX)
+    backend.bind(str(short_tmp / "data.sock"))
+    share = data_share(str(short_tmp / "data.sock"))
+    settings = VmSettings(device_id_prefix="cocoon-fs-", prune=False, retry=RetrySettings())
+    w = VmWorker("web01", created_vm.api_socket, [share], settings)
+    ours = w.client.add_fs
+
+    async def someone_else_first(s: Share) -> AddFsResult:
+        await ChClient(created_vm.api_socket).add_fs(s)
+        return await ours(s)
+
+    w.client.add_fs = someone_else_first  # type: ignore[method-assign,assignment]
+    try:
+        await w.reconcile(retry=False)
+    finally:
+        backend.close()
+    assert add_fs_count(created_vm) == 2  # theirs, then ours, refused as a duplicate
+    assert w.status.shares["data"].state is ShareState.ATTACHED
+
+
+async def test_an_add_fs_that_times_out_is_not_sent_again_once_ch_shows_it(
+    created_vm: CloudHypervisorDouble, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timed-out add-fs may still happen inside CH (§9): look before adding again."""
+    monkeypatch.setattr(chclient, "ADD_FS_TIMEOUT", 0.2)
+    backend = socket.socket(socket.AF_UNIX)
+    backend.bind(str(short_tmp / "data.sock"))
+    share = data_share(str(short_tmp / "data.sock"))
+    retry = RetrySettings(initial_delay=0.01, max_delay=0.05)
+    w = VmWorker("web01", created_vm.api_socket, [share], VmSettings("cocoon-fs-", False, retry))
+    ours = w.client.add_fs
+
+    async def while_ch_hangs(s: Share) -> AddFsResult:
+        created_vm.set_hung(True)  # CH busy, e.g. connecting another device's backend
+        try:
+            return await ours(s)
+        finally:
+            created_vm.set_hung(False)  # the queued add-fs now goes through inside CH
+
+    w.client.add_fs = while_ch_hangs  # type: ignore[method-assign,assignment]
+    try:
+        async with asyncio.timeout(30):
+            await w.reconcile(retry=True)
+    finally:
+        backend.close()
+    assert add_fs_count(created_vm) == 1
+    assert w.status.shares["data"].state is ShareState.ATTACHED
+
+
+def test_add_fs_waits_out_ch_s_60_s_backend_connect() -> None:
+    assert chclient.ADD_FS_TIMEOUT >= 75
+
+
+def test_backoff_doubles_with_jitter_and_stays_under_max_delay() -> None:
+    retry = RetrySettings(initial_delay=0.2, max_delay=30.0)
+    w = VmWorker("web01", "/nonexistent", [], VmSettings("cocoon-fs-", False, retry))
+    waits = [w._wait(attempt(n)) for n in range(1, 40)]
+    assert 0.2 <= waits[0] <= 0.4
+    assert 0.4 <= waits[1] <= 0.6
+    assert max(waits) == 30.0
+    assert all(0 < wait <= 30.0 for wait in waits)
+
+
+def attempt(number: int) -> RetryCallState:
+    state: RetryCallState = SimpleNamespace(attempt_number=number)  # type: ignore[assignment]
+    return state
