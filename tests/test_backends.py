@@ -542,12 +542,31 @@ def test_a_missing_virtiofsd_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("watcher.backends_virtiofsd.CANDIDATES", ())
+    monkeypatch.setattr("watcher.backends_virtiofsd.LEGACY", str(tmp_path / "legacy"))
     monkeypatch.setenv("PATH", str(tmp_path))
 
     with pytest.raises(BackendError, match=r"install virtiofsd \(Debian 13\) or qemu-system"):
         find_virtiofsd(None)
     with pytest.raises(BackendError, match="is not an executable file"):
         find_virtiofsd(str(tmp_path / "nope"))
+
+
+def test_a_virtiofsd_on_path_comes_before_debian_12_s_legacy_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("watcher.backends_virtiofsd.CANDIDATES", ())
+    legacy = tmp_path / "qemu" / "virtiofsd"
+    legacy.parent.mkdir()
+    legacy.write_text("#!/bin/sh\n")
+    legacy.chmod(0o755)
+    monkeypatch.setattr("watcher.backends_virtiofsd.LEGACY", str(legacy))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert find_virtiofsd(None) == str(legacy)
+    built = tmp_path / "bin" / "virtiofsd"  # say, a Rust virtiofsd in /usr/local/bin
+    built.parent.mkdir()
+    built.write_text("#!/bin/sh\n")
+    built.chmod(0o755)
+    assert find_virtiofsd(None) == str(built)
 
 
 async def test_a_vm_connecting_while_the_daemon_is_down_is_served(

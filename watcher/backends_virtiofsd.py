@@ -32,8 +32,12 @@ from .logs import kv
 
 log = logging.getLogger("watcher.backends")
 
-CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/virtiofsd", "/usr/lib/qemu/virtiofsd")
-"""Where Debian 13 (Rust), other distributions, and Debian 12 (legacy C) install virtiofsd."""
+CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
+"""Where Debian 13 and other distributions install the Rust virtiofsd."""
+
+LEGACY = "/usr/lib/qemu/virtiofsd"
+"""Debian 12's legacy C virtiofsd: the last resort, after $PATH, because it cannot export
+read-only and a Rust virtiofsd someone installed (say in /usr/local/bin) is the better one."""
 
 LISTENER_FD = 3
 """The descriptor number the listening socket has in the child (``--fd=3``, as Kata and Incus)."""
@@ -104,6 +108,8 @@ def find_virtiofsd(configured: str | None) -> str:
     on_path = shutil.which("virtiofsd")
     if on_path is not None:
         return on_path
+    if os.path.isfile(LEGACY) and os.access(LEGACY, os.X_OK):
+        return LEGACY
     raise BackendError(
         "no virtiofsd found: install virtiofsd (Debian 13) or qemu-system-common (Debian 12), "
         "or set [backend] virtiofsd"
