@@ -126,7 +126,8 @@ async def test_managed_share_is_attached_and_survives_20_guest_reboots(managed_h
     data.mkdir()
     host.write_config({}, managed={"web01": [("data", str(data))]})
     daemon = await host.start_daemon()
-    await eventually(lambda: len(virtiofsd_pids(host.root)) == 1, "virtiofsd started before the VM")
+    await daemon.wait_for("ready ")  # READY=1 comes after start = "always" started them
+    assert len(virtiofsd_pids(host.root)) == 1, "virtiofsd started before the VM"
     double = await host.start_double("web01")
     await wait_attached(double, "cocoon-fs-data")
     await daemon.wait_for(r"attached vm=web01 tag=data")

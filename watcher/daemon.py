@@ -64,6 +64,7 @@ class Daemon:
         use it, released once none does or the VM is gone (see _release_unused_backends). A
         moved share's old virtiofsd is no longer supervised, only kept (BackendSupervisor)."""
         self._first_backend_sync = True
+        self._first_sync: asyncio.Task[Any] | None = None
         self._jobs: set[asyncio.Task[Any]] = set()
         self._index_backends()
 
@@ -73,7 +74,7 @@ class Daemon:
         """Arm the watches (each scans what already exists), then look at every VM."""
         self._watcher.start(asyncio.get_running_loop())
         self._arm_watches()
-        self._background(self._sync_backends())
+        self._first_sync = self._background(self._sync_backends())
         self.rescan()
 
     def apply_config(self, new: Config) -> None:
@@ -117,11 +118,14 @@ class Daemon:
         await self._backends.close()
 
     async def first_look(self, timeout: float) -> None:
-        """Wait until CH answered (or not) for every VM whose socket exists, at most
-        `timeout` seconds: READY=1 is meant to say the VMs were looked at, but a
-        hung CH must not hold the service in "activating"."""
+        """Wait until CH answered (or not) for every VM whose socket exists, and the managed
+        virtiofsd that start at once were started, at most `timeout` seconds: READY=1 is
+        meant to say the host was looked at, but a hung CH must not hold the service in
+        "activating"."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while any(w.status.socket is SocketState.CHECKING for w, _ in self._workers.values()):
+        while (self._first_sync is not None and not self._first_sync.done()) or any(
+            w.status.socket is SocketState.CHECKING for w, _ in self._workers.values()
+        ):
             if asyncio.get_running_loop().time() >= deadline:
                 return
             await asyncio.sleep(0.01)
@@ -318,11 +322,12 @@ class Daemon:
             running[0].poke()
         self._on_change()  # the status file shows each managed share's virtiofsd
 
-    def _background(self, job: Coroutine[Any, Any, object]) -> None:
+    def _background(self, job: Coroutine[Any, Any, object]) -> asyncio.Task[Any]:
         """Run backend work beside the VM tasks; stop() cancels what is left."""
         task = asyncio.create_task(job)
         self._jobs.add(task)
         task.add_done_callback(self._job_done)
+        return task
 
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._jobs.discard(task)
