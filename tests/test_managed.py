@@ -275,3 +275,46 @@ async def test_on_demand_starts_virtiofsd_with_the_vm(managed_host: Host) -> Non
     assert len(virtiofsd_pids(host.root)) == 1
     await double.stop()  # clean CH exit: the API socket goes away
     await eventually(lambda: virtiofsd_pids(host.root) == [], "virtiofsd stopped with the VM")
+
+
+async def test_on_demand_stops_virtiofsd_when_ch_is_killed(managed_host: Host) -> None:
+    """A SIGKILLed CH leaves its API socket behind (§6): stale means the VM is gone too."""
+    host = managed_host
+    data = host.root / "export"
+    data.mkdir()
+    host.write_config(
+        {}, backend_extra='start = "on-demand"', managed={"web01": [("data", str(data))]}
+    )
+    daemon = await host.start_daemon()
+    double = await host.start_double("web01")
+    await wait_attached(double, "cocoon-fs-data")
+    await double.kill()
+    await daemon.wait_for("api socket is stale vm=web01")
+    await eventually(lambda: virtiofsd_pids(host.root) == [], "virtiofsd stopped with the VM")
+
+
+async def test_switching_to_on_demand_stops_the_left_over_virtiofsd_of_stopped_vms(
+    managed_host: Host,
+) -> None:
+    host = managed_host
+    data = host.root / "export"
+    data.mkdir()
+    host.write_config({}, managed={"web01": [("data", str(data))], "db": [("data", str(data))]})
+    first = await host.start_daemon()
+    await eventually(lambda: len(virtiofsd_pids(host.root)) == 2, "start = always: both run")
+    double = await host.start_double("db")
+    await wait_attached(double, "cocoon-fs-data")
+    assert await first.stop() == 0  # leaves both running, by design
+
+    host.write_config(
+        {},
+        backend_extra='start = "on-demand"',
+        managed={"web01": [("data", str(data))], "db": [("data", str(data))]},
+    )
+    second = await host.start_daemon()
+    await second.wait_for("virtiofsd stopped vm=web01 tag=data")  # its VM is not running
+    await second.wait_for("adopted virtiofsd left by the previous daemon vm=db tag=data")
+    assert len(virtiofsd_pids(host.root)) == 1
+    assert await double.call("guest-reboot") is True  # db's is still supervised
+    await double.stop()
+    await eventually(lambda: virtiofsd_pids(host.root) == [], "db's stopped with its VM")

@@ -203,6 +203,7 @@ class Daemon:
             throttle=self._throttle,
             backends=self._backends,
             on_observed=self._release_unused_backends,
+            on_stale=self._vm_gone,
         )
         task = asyncio.create_task(worker.run(), name=f"vm:{name}")
         task.add_done_callback(lambda t: self._worker_done(name, t))
@@ -251,9 +252,10 @@ class Daemon:
         managed share gets its virtiofsd now, so a VM started by other tools finds it."""
         if self._first_backend_sync:
             self._first_backend_sync = False
-            self._retire_managed_shares(
-                [self._backends.registered(self.config.watch.device_id_prefix)]
-            )
+            left_over = self._backends.registered(self.config.watch.device_id_prefix)
+            self._retire_managed_shares([left_over])
+            if self.config.backend.start == "on-demand":
+                await self._settle_left_over(left_over)
         configured = {(s.vm, s.tag) for shares in self.config.vms.values() for s in shares}
         for socket, share in list(self._retired.items()):
             if self._retired.get(socket) is not share:
@@ -266,6 +268,22 @@ class Daemon:
         if self.config.backend.start == "always":
             managed = [s for shares in self.config.vms.values() for s in shares if s.managed]
             await asyncio.gather(*(self._ensure_backend(share) for share in managed))
+
+    async def _settle_left_over(self, left_over: list[Share]) -> None:
+        """With start = "on-demand", the virtiofsd an earlier daemon left for a configured share
+        (it ran with "always", or its VM was up) is adopted while the VM's API socket exists,
+        so that it is stopped with the VM; without one it is stopped now."""
+        configured = {
+            s.socket: s for shares in self.config.vms.values() for s in shares if s.managed
+        }
+        for left in left_over:
+            share = configured.get(left.socket)
+            if share is None or (share.vm, share.tag) != (left.vm, left.tag):
+                continue  # retired above, or handed over by ensure()
+            if is_socket(self.config.watch.api_socket.path_for(share.vm)):
+                await self._ensure_backend(share)
+            else:
+                await self._backends.release(share)
 
     async def _ensure_backend(self, share: Share) -> None:
         try:

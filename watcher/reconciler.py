@@ -111,6 +111,7 @@ class VmWorker:
         throttle: FailureThrottle | None = None,
         backends: BackendSupervisor | None = None,
         on_observed: Callable[[str, frozenset[str]], None] = lambda vm, in_use: None,
+        on_stale: Callable[[str], None] = lambda vm: None,
     ) -> None:
         self.name = name
         self.shares = tuple(shares)
@@ -121,6 +122,7 @@ class VmWorker:
             self.status.shares[share.tag] = ShareStatus(tag=share.tag, device_id=share.device_id)
         self._on_change = on_change
         self._on_observed = on_observed
+        self._on_stale = on_stale
         self._backends = backends
         self._throttle = throttle or FailureThrottle()
         self._poked = asyncio.Event()
@@ -659,6 +661,8 @@ class VmWorker:
                     reason="connection refused: no CH listens; waiting for it to be recreated",
                 )
             )
+            # Its CH is gone (a SIGKILL leaves the socket, §6), and with it every device.
+            self._on_stale(self.name)
         self.status.socket = SocketState.STALE
         self.status.ch_pid = None
         self.status.vm_state = None
