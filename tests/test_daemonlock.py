@@ -20,7 +20,10 @@ from tests.support import DEADLINE, Host, eventually
 from tests.test_e2e import add_fs_ids, wait_attached
 from watcher.daemonlock import DaemonLock, LockHeld, LockUnavailable, lock_path
 
-FIX = "stop it (systemctl stop virtiofs-reattach), or give this one its own [backend] runtime_dir"
+FIX = (
+    "stop it (systemctl stop virtiofs-reattach), "
+    "or give this one its own [backend] runtime_dir and --state-file"
+)
 
 
 def test_a_held_lock_names_its_holder_and_close_releases_it(tmp_path: Path) -> None:
@@ -79,12 +82,14 @@ def test_a_child_process_does_not_inherit_the_lock(tmp_path: Path) -> None:
             child.stdin.close()  # its read ends, and so does the child
 
 
-def test_a_folder_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime_dir", ["file", "file/run"])
+def test_a_folder_that_cannot_be_created_is_a_clear_error(tmp_path: Path, runtime_dir: str) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(LockUnavailable) as failed:
-        DaemonLock.acquire(str(tmp_path / "file" / "run"))
-    assert failed.value.path == str(tmp_path / "file" / "run" / ".daemon.lock")
-    assert failed.value.fix == "set [backend] runtime_dir to a writable folder"
+        DaemonLock.acquire(str(tmp_path / runtime_dir))
+    assert failed.value.path == str(tmp_path / runtime_dir / ".daemon.lock")
+    assert failed.value.reason == f"a file is in the way of the folder {tmp_path / runtime_dir}"
+    assert failed.value.fix == "remove that file, or set [backend] runtime_dir to a folder"
 
 
 def write_config(folder: Path, runtime_dir: Path) -> Path:
@@ -114,7 +119,7 @@ def test_run_exits_1_naming_the_lock_it_cannot_create(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot take the daemon lock" in result.stderr
     assert f"lock={runtime_dir}/.daemon.lock" in result.stderr
-    assert 'fix="set [backend] runtime_dir to a writable folder"' in result.stderr
+    assert 'fix="remove that file, or set [backend] runtime_dir to a folder"' in result.stderr
     assert "starting" not in result.stderr
 
 

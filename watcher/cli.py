@@ -181,7 +181,7 @@ def _lock_or_report(runtime_dir: str) -> DaemonLock | None:
                 pid=exc.pid,
                 lock=exc.path,
                 fix="stop it (systemctl stop virtiofs-reattach), "
-                "or give this one its own [backend] runtime_dir",
+                "or give this one its own [backend] runtime_dir and --state-file",
             )
         )
     except LockUnavailable as exc:

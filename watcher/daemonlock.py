@@ -65,6 +65,9 @@ class LockUnavailable(Exception):
         self.reason = error.strerror or str(error)
         if error.errno in (errno.EACCES, errno.EPERM):
             self.fix = "run it as root, or set [backend] runtime_dir to a folder you can write"
+        elif error.errno in (errno.EEXIST, errno.ENOTDIR):
+            self.reason = f"a file is in the way of the folder {os.path.dirname(path)}"
+            self.fix = "remove that file, or set [backend] runtime_dir to a folder"
         else:
             self.fix = "set [backend] runtime_dir to a writable folder"
 
