@@ -309,6 +309,7 @@ async def test_a_killed_virtiofsd_is_replaced(harness: Harness, real_virtiofsd: 
 
     await new_pid(supervisor, share, [killed])
     assert status_of(supervisor, share).last_exit == "killed by SIGKILL"
+    assert status_of(supervisor, share).last_error == "killed by SIGKILL"  # not its last line
     assert await boot_and_shut_down(share.socket) & VIRTIO_F_VERSION_1
 
 

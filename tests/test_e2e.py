@@ -270,6 +270,28 @@ async def test_sigterm_during_a_hung_add_fs_exits_0(host: Host) -> None:
         unserved.close()
 
 
+async def test_a_hung_ch_is_logged_once_and_its_recovery_too(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    double = await host.start_double("web01")
+    await double.call("hang", on=True)
+    daemon = await host.start_daemon()
+    await daemon.wait_for(r"CH not answering vm=web01 reason=.*did not answer in time")
+    await double.call("hang", on=False)
+    await daemon.wait_for(r"CH answers again vm=web01")
+    await wait_attached(double, "cocoon-fs-data")
+    assert len(daemon.matching(r"CH not answering")) == 1
+
+
+async def test_something_else_at_the_api_socket_path_is_named_in_the_status(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    os.mkfifo(host.api_socket("web01"))
+    await host.start_daemon()
+    await eventually(lambda: bool(host.status().get("vms")), "the state file")
+    (vm,) = host.status()["vms"]
+    assert "is not a socket, but a FIFO; ignored" in vm["detail"]
+
+
 async def test_vm_created_later_is_attached_once_booted(host: Host) -> None:
     host.write_config({"web01": ["data"]})
     double = await host.start_double("web01", "--vm", "none")

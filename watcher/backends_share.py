@@ -235,7 +235,10 @@ class ShareBackend:
                 backoff = timing.initial_delay
             delay, backoff = backoff, min(backoff * 2, timing.max_delay)
             self._repeat_lines = frozenset(self._run_lines)
+            # Killed (by hand, the OOM killer): its last line is no reason, the signal is.
             reason = self._run_lines[-1] if self._run_lines else "no output"
+            if status.signal is not None:
+                reason = str(status)
             self.fix = None if await self._shared_dir_exists() else MISSING_DIR_FIX
             self._report_failure(str(status), reason, delay)
 

@@ -143,8 +143,9 @@ async def probe(path: str, timeout: float = PROBE_TIMEOUT) -> Virtiofsd:
     features = _features(out) if proc.returncode == 0 else None
     if features is None:
         said = (errors or out).decode(errors="replace").strip().splitlines()
+        how = "printed no vhost-user capabilities" if proc.returncode == 0 else "failed"
         raise BackendError(
-            f"{path} --print-capabilities failed (rc {proc.returncode}"
+            f"{path} --print-capabilities {how} (rc {proc.returncode}"
             f"{': ' + said[-1] if said else ''}); is it a virtiofsd? set [backend] virtiofsd"
         )
     return Virtiofsd(path, "separate-options" in features)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -411,6 +412,28 @@ class Daemon:
         status = VmStatus(name=name, api_socket=path)
         status.socket = SocketState.STALE if os.path.lexists(path) else SocketState.ABSENT
         status.detail = "VM not running"
+        if status.socket is SocketState.STALE:  # is_socket said no: something else is there
+            status.detail = (
+                f"VM not running: {path} is not a socket, but {_file_kind(path)}; ignored"
+                " (CH creates a socket there when the VM starts)"
+            )
         for share in self.config.vms[name]:
             status.shares[share.tag] = ShareStatus(tag=share.tag, device_id=share.device_id)
         return status
+
+
+def _file_kind(path: str) -> str:
+    """What lstat finds at ``path``, in words, for a status line."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "gone"
+    for test, words in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return words
+    return "a special file"

@@ -118,7 +118,7 @@ class Demo:
         ).start()
         for vm in VMS:
             await self.wait_all_attached(vm)
-        say("[3/4] killing web01's CH with SIGKILL (its socket stays behind) and starting it again")
+        say("[3/4] killing web01's CH with SIGKILL and starting it again on the same socket path")
         old = self.doubles["web01"]
         await old.kill()
         socket_path = str(self.ch_dir / "web01.sock")

@@ -367,6 +367,8 @@ class VmWorker:
             except ApiError as exc:  # CH is busy (its connection limit): back off
                 self._unreachable(exc)
                 raise _RetryPass(self.status.detail) from exc
+        if self.status.socket is SocketState.UNREACHABLE:
+            log.info(kv("CH answers again", vm=self.name, pid=identity.pid))
         self.status.socket = SocketState.LIVE
         self.status.ch_version = identity.version
         if identity.pid != self._pid:
@@ -461,7 +463,10 @@ class VmWorker:
         if share.device_id in self._blocked:
             return None
         status = self.status.shares[share.tag]
-        status.detail, status.next_try_at = "vm.add-fs sent, waiting for CH's answer", None
+        sent = "vm.add-fs sent, waiting for CH's answer"
+        if status.state in (ShareState.WAITING_EJECT, ShareState.WAITING_BACKEND):
+            self._set(status, ShareState.PENDING, sent)  # what it waited for is over
+        status.detail, status.next_try_at = sent, None
         self._on_change()
         started = time.monotonic()
         try:
@@ -497,10 +502,10 @@ class VmWorker:
             # virtiofsd behind it served an earlier connection and exited (virtiofsd.md §2).
             self._dead_backends.add(share.socket)
             detail = (
-                f"CH could not connect to {share.socket} for 60 s ({answer.reason});"
-                " waiting for the socket to be re-created by a new virtiofsd"
+                f"CH could not connect to {share.socket} within its connect window"
+                f" ({answer.reason}); waiting for the socket to be re-created by a new virtiofsd"
             )
-            self._set_for(share, ShareState.WAITING_BACKEND, detail)
+            self._set(self.status.shares[share.tag], ShareState.WAITING_BACKEND, detail)
             self._note_failure(share, "backend unreachable", detail, logging.ERROR)
             return None
         if is_retryable(answer):
@@ -624,7 +629,6 @@ class VmWorker:
                 self._retrying(share, reason)
 
     def _unreachable(self, exc: BaseException) -> None:
-        self.status.socket = SocketState.UNREACHABLE
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, TimeoutError):
             reason = "CH did not answer in time (busy connecting a backend, or hung)"
@@ -635,6 +639,9 @@ class VmWorker:
             )
         elif isinstance(exc, ConnectionError):
             reason = "CH closed the connection without answering"
+        if self.status.socket is not SocketState.UNREACHABLE:  # once; the shares say the rest
+            log.warning(kv("CH not answering", vm=self.name, reason=reason))
+        self.status.socket = SocketState.UNREACHABLE
         self.status.detail = reason
         self._mark_all_pending_retrying(reason)
 
@@ -666,7 +673,7 @@ class VmWorker:
         self.status.socket = SocketState.STALE
         self.status.ch_pid = None
         self.status.vm_state = None
-        self.status.detail = "stale API socket: CH is not running"
+        self.status.detail = "CH is not running (nothing listens on the API socket)"
         self._forget_shares("VM not running")
         self._on_change()
 
