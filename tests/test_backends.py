@@ -39,6 +39,8 @@ from watcher.backends import (
     BackendSupervisor,
     BackendTiming,
 )
+from watcher.backends_files import Registration, write_registration
+from watcher.backends_process import start_ticks
 from watcher.backends_virtiofsd import Virtiofsd, find_virtiofsd, probe
 from watcher.config import BackendSettings, Share
 from watcher.testing.vhost_user import connect_frontend
@@ -416,13 +418,81 @@ async def test_release_stops_virtiofsd_and_removes_its_files(harness: Harness) -
     run = harness.tmp_path / "run" / share.vm
     assert stat.S_ISFIFO(os.lstat(run / "data.log").st_mode)
     assert (run / "data.json").exists()
+    (run / "data.json.tmp").write_text("{")  # a daemon crashed while writing the record
 
     await supervisor.release(share)
 
     assert not is_running(pid)
     assert_removed(harness, share)
+    assert not run.exists()
     assert supervisor.supervised() == set()
     assert supervisor.status(share.socket) is None
+
+
+SLEEPING_BACKEND = """#!/bin/sh
+# A virtiofsd stand-in that waits in "accept" for ever, holding only what it was given.
+if [ "$1" = --print-capabilities ]; then
+    echo '{{"type": "fs", "features": ["separate-options"]}}'
+    exit 0
+fi
+echo "[INFO  virtiofsd] Waiting for vhost-user socket connection..." >&2
+exec sleep 600
+"""
+
+
+async def test_virtiofsd_gets_only_stdio_and_its_listener(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a descriptor the daemon inherited, nor systemd's variables: a virtiofsd must not be
+    able to notify systemd for the daemon, or keep the daemon's files open."""
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    leaked = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    try:
+        supervisor = harness.supervisor(harness.script("sleeping", SLEEPING_BACKEND.format()))
+        share = harness.share()
+        await supervisor.ensure(share)
+        pid = await new_pid(supervisor, share, [])
+        await eventually(lambda: status_of(supervisor, share).state == "listening", "listening")
+        fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert sorted(fds) == [0, 1, 2, 3]
+        assert fds[0] == os.devnull
+        assert fds[3].startswith("socket:")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_"))]
+    finally:
+        os.close(leaked)
+
+
+async def test_a_recorded_pid_that_now_names_another_process_is_left_alone(
+    harness: Harness,
+) -> None:
+    """An adopted virtiofsd is not our child: once init reaps it, its pid may be reused."""
+    share = harness.share()
+    stranger = await asyncio.create_subprocess_exec("sleep", "600")
+    try:
+        run = harness.tmp_path / "run" / share.vm
+        run.mkdir(parents=True)
+        ticks = start_ticks(stranger.pid)
+        assert ticks is not None
+        record = Registration(stranger.pid, ticks - 1, share.socket, (), "", False, "auto")
+        write_registration(str(run / f"{share.tag}.json"), record)  # the pid, another start
+
+        supervisor = harness.supervisor(harness.fake())
+        await supervisor.ensure(share)
+        assert status_of(supervisor, share).pid != stranger.pid  # not adopted: a new one runs
+        await supervisor.release(share)
+        assert stranger.returncode is None  # nor signalled
+        assert is_running(stranger.pid)
+
+        run.mkdir(parents=True, exist_ok=True)
+        write_registration(str(run / f"{share.tag}.json"), record)
+        await harness.supervisor(harness.fake()).release(share)  # unsupervised release
+        assert is_running(stranger.pid)
+    finally:
+        stranger.kill()
+        await stranger.wait()
 
 
 async def test_release_kills_a_virtiofsd_that_ignores_sigterm(

@@ -202,7 +202,12 @@ async def test_crash_looping_backend_backs_off_and_says_why(managed_host: Host) 
     assert "no-such-folder" in backend["last_error"]  # kept: what the problem was
 
 
-async def test_daemon_restart_keeps_the_live_connection(managed_host: Host) -> None:
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
+async def test_daemon_restart_keeps_the_live_connection(
+    managed_host: Host, how: signal.Signals
+) -> None:
+    """Also when the daemon crashes: its virtiofsd are neither killed nor left unsupervised,
+    the next daemon adopts them."""
     host = managed_host
     data = host.root / "export"
     data.mkdir()
@@ -211,7 +216,7 @@ async def test_daemon_restart_keeps_the_live_connection(managed_host: Host) -> N
     double = await host.start_double("web01")
     await wait_attached(double, "cocoon-fs-data")
     (serving,) = virtiofsd_pids(host.root)
-    assert await first.stop() == 0
+    assert await first.stop(how) == (0 if how is signal.SIGTERM else -signal.SIGKILL)
     assert virtiofsd_pids(host.root) == [serving]  # not killed with the daemon
     # Nor holding the daemon lock (daemonlock.py), which would keep the next daemon out.
     lock = str(host.root / "run" / ".daemon.lock")

@@ -53,9 +53,10 @@ class SharePaths:
         )
 
     def remove(self) -> None:
-        """Remove all three, then the VM's folder if no other share uses it."""
+        """Remove all three (and a registry write a crash left half done), then the VM's
+        folder if no other share uses it."""
         unlink_socket(self.socket)
-        for path in (self.registry, self.fifo):
+        for path in (self.registry, f"{self.registry}.tmp", self.fifo):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         with contextlib.suppress(OSError):
