@@ -325,7 +325,7 @@ def _parse_toml(name: str, content: bytes, problems: list[str]) -> dict[str, obj
         problems.append(f"{name}:{err.lineno}:{err.colno}: {err.msg}")
         return None
     except RecursionError as err:  # tomli's own bound on nesting, or Python's
-        problems.append(f"{name}: {err} (a mounts file needs two levels at most)")
+        problems.append(f"{name}: {err} (flatten it: a mounts file needs only a few levels)")
         return None
 
 

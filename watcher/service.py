@@ -163,6 +163,9 @@ class Service:
         sdnotify.reloading()
         try:
             await self._load_and_apply()
+        except Exception as exc:  # a bug: say so, and keep running on what is in force
+            log.exception(kv("reload crashed", config=self.config_path))
+            self._reload_failed((f"{self.config_path}: reload failed ({exc!r}; a bug)",))
         finally:
             # Also after a bug: under Type=notify-reload, `systemctl reload` waits for it.
             self._changed()
@@ -173,10 +176,6 @@ class Service:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             self._reload_failed(exc.problems)
-            return
-        except Exception as exc:  # a bug: say so, and keep running on the last good config
-            log.exception(kv("reload crashed", config=self.config_path))
-            self._reload_failed((f"{self.config_path}: could not be read ({exc!r}; a bug)",))
             return
         was_valid = self.config_valid
         self.config_valid, self.problems = True, ()
