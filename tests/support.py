@@ -73,31 +73,10 @@ class Host:
     def backend_socket(self, vm: str, tag: str) -> str:
         return str(self.vfs_dir / f"{vm}-{tag}.sock")
 
-    def write_config(
-        self,
-        vms: dict[str, list[str]],
-        *,
-        api_socket: str | None = None,
-        extra: str = "",
-        share_options: str = "",
-        retry_extra: str = "",
-        backoff: tuple[float, float] = (0.05, 0.5),
-        backend_extra: str = "",
-        managed: dict[str, list[tuple[str, str]]] | None = None,
-    ) -> None:
-        """Write mounts.toml atomically (like config management would)."""
-        text = self.config_text(
-            vms,
-            api_socket=api_socket,
-            extra=extra,
-            share_options=share_options,
-            retry_extra=retry_extra,
-            backoff=backoff,
-            backend_extra=backend_extra,
-            managed=managed,
-        )
+    def write_config(self, vms: dict[str, list[str]], **options: Any) -> None:
+        """Write config_text(vms, **options) atomically (like config management would)."""
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(text)
+        tmp.write_text(self.config_text(vms, **options))
         tmp.rename(self.config)
 
     def config_text(

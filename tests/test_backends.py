@@ -43,7 +43,7 @@ from watcher.backends_files import Registration, write_registration
 from watcher.backends_process import start_ticks
 from watcher.backends_virtiofsd import Virtiofsd, find_virtiofsd, probe
 from watcher.config import BackendSettings, Share
-from watcher.testing.vhost_user import connect_frontend
+from watcher.testing.vhost_user import VhostUserFrontend, connect_frontend
 
 REAL_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 VIRTIO_F_VERSION_1 = 1 << 32
@@ -315,20 +315,31 @@ async def test_a_killed_virtiofsd_is_replaced(harness: Harness, real_virtiofsd: 
     assert await boot_and_shut_down(share.socket) & VIRTIO_F_VERSION_1
 
 
-async def test_a_daemon_restart_keeps_the_live_connection_and_adopts_its_virtiofsd(
-    harness: Harness, real_virtiofsd: Path
-) -> None:
+async def served_then_daemon_stopped(
+    harness: Harness, binary: Path
+) -> tuple[Share, int, VhostUserFrontend]:
+    """A share's virtiofsd serving a VM, then its daemon stopped: the virtiofsd serves on."""
     share = harness.share()
-    old_daemon = harness.supervisor(real_virtiofsd)
+    old_daemon = harness.supervisor(binary)
     await old_daemon.ensure(share)
     serving = await new_pid(old_daemon, share, [])
     frontend = await connect_frontend(share.socket)
     try:
         async with asyncio.timeout(DEADLINE):
             await frontend.handshake()
-        hangup = asyncio.create_task(frontend.wait_hangup())
-
         await old_daemon.close()
+    except BaseException:
+        frontend.close()
+        raise
+    return share, serving, frontend
+
+
+async def test_a_daemon_restart_keeps_the_live_connection_and_adopts_its_virtiofsd(
+    harness: Harness, real_virtiofsd: Path
+) -> None:
+    share, serving, frontend = await served_then_daemon_stopped(harness, real_virtiofsd)
+    try:
+        hangup = asyncio.create_task(frontend.wait_hangup())
         new_daemon = harness.supervisor(real_virtiofsd)
         await new_daemon.ensure(share)
 
@@ -356,16 +367,8 @@ async def test_a_share_moved_while_the_daemon_was_down_keeps_its_old_virtiofsd_u
 ) -> None:
     """Its device on the old socket is replaced, but until the guest ejects it CH holds that
     connection, and CH <= v51 exits when the backend dies under it (§5, §7)."""
-    share = harness.share()
-    old_daemon = harness.supervisor(real_virtiofsd)
-    await old_daemon.ensure(share)
-    serving = await new_pid(old_daemon, share, [])
-    frontend = await connect_frontend(share.socket)
+    share, serving, frontend = await served_then_daemon_stopped(harness, real_virtiofsd)
     try:
-        async with asyncio.timeout(DEADLINE):
-            await frontend.handshake()
-        await old_daemon.close()
-
         moved = dataclasses.replace(share, socket=str(harness.tmp_path / "sockets" / "new.sock"))
         harness.shares.append(moved)
         new_daemon = harness.supervisor(real_virtiofsd)

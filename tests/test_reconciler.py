@@ -21,6 +21,17 @@ from watcher.state import ShareState
 from watcher.testing.chdouble import CloudHypervisorDouble
 
 
+def data_share(socket: str) -> Share:
+    return Share(
+        vm="web01",
+        tag="data",
+        socket=socket,
+        num_queues=1,
+        queue_size=1024,
+        device_id="cocoon-fs-data",
+    )
+
+
 def worker() -> VmWorker:
     settings = VmSettings(device_id_prefix="cocoon-fs-", prune=False, retry=RetrySettings())
     return VmWorker("web01", "/nonexistent/web01.sock", [], settings)
@@ -51,14 +62,7 @@ async def test_woken_within_reports_a_poke_and_consumes_it() -> None:
 def test_an_overdue_eject_is_logged_once_not_at_every_look(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    data = Share(
-        vm="web01",
-        tag="data",
-        socket="/run/vfs/data.sock",
-        num_queues=1,
-        queue_size=1024,
-        device_id="cocoon-fs-data",
-    )
+    data = data_share("/run/vfs/data.sock")
     settings = VmSettings(device_id_prefix="cocoon-fs-", prune=False, retry=RetrySettings())
     w = VmWorker("web01", "/nonexistent/web01.sock", [data], settings)
     w._eject_waiting_since[data.device_id] = time.monotonic() - EJECT_PATIENCE - 1
@@ -74,17 +78,6 @@ def test_an_overdue_eject_is_logged_once_not_at_every_look(
 
 
 # ---- against the in-process CH double ---------------------------------------------------
-
-
-def data_share(socket: str) -> Share:
-    return Share(
-        vm="web01",
-        tag="data",
-        socket=socket,
-        num_queues=1,
-        queue_size=1024,
-        device_id="cocoon-fs-data",
-    )
 
 
 @pytest.fixture
