@@ -400,3 +400,26 @@ async def test_a_reload_that_breaks_the_parser_keeps_the_daemon_and_says_why(
 
     await eventually(ready_after_reloading, "READY=1 after the failed reload")
     assert daemon.proc.returncode is None
+
+
+async def test_a_rescan_rereads_the_config_quietly_when_nothing_changed(
+    host: Host, notify: NotifySocket
+) -> None:
+    """A rescan re-reads the files in case an edit's event was among those lost, but an
+    unchanged config is no news (on-demand backends remove folders the daemon watches)."""
+    host.write_config({"web01": ["data"]})
+    daemon = await host.start_daemon({"NOTIFY_SOCKET": str(notify.path)})
+    await eventually(lambda: notify.seen("READY", "1"), "READY=1")
+    host.ch_dir.rmdir()  # a watched folder deleted: inotify may have missed something
+    await daemon.wait_for("rescanning")
+    await eventually(lambda: notify.seen("RELOADING", "1"), "the files re-read")
+
+    def reload_done() -> bool:
+        messages = notify.drain()
+        last = max(i for i, m in enumerate(messages) if m.get("RELOADING") == "1")
+        return any(m.get("READY") == "1" for m in messages[last + 1 :])
+
+    await eventually(reload_done, "READY=1 after the re-read")
+    assert daemon.matching("config unchanged") == []
+    daemon.proc.send_signal(signal.SIGHUP)  # asked for: said
+    await daemon.wait_for("config unchanged")

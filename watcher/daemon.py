@@ -44,7 +44,7 @@ class Daemon:
         config: Config,
         *,
         config_path: str | None = None,
-        on_config_edit: Callable[[], None] = lambda: None,
+        on_config_edit: Callable[[bool], None] = lambda seen: None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
@@ -154,11 +154,11 @@ class Daemon:
         if event.kind is FsEventKind.RESCAN:
             log.info(kv("rescanning", reason="inotify may have lost events"))
             self.rescan()
-            self._on_config_edit()
+            self._on_config_edit(False)  # an edit may have been among the lost events
             return
         if self._is_config_file(event.path):
-            if not self._arming:  # a scan of the config folder is not an edit
-                self._on_config_edit()
+            if not self._arming:  # the first scan of the config folder is not an edit
+                self._on_config_edit(not event.scanned)
             return
         vm = self.config.watch.api_socket.vm_for(event.path)
         if vm is not None and vm in self.config.vms:

@@ -42,7 +42,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyinotify
 
@@ -107,6 +107,9 @@ class FsEvent:
     to watch() after os.path.abspath + normpath."""
     is_socket: bool
     """lstat S_ISSOCK when the event is handled; False if already gone."""
+    scanned: bool = field(default=False, compare=False)
+    """Found by a scan, not announced by the kernel: it says what is there, not that
+    anything just changed."""
 
 
 class _Armed(enum.Enum):
@@ -320,8 +323,8 @@ class InotifyWatcher:
             self._arm_root(root)
         self._drop_unused_watches()
 
-    def _emit(self, kind: FsEventKind, path: str) -> None:
-        self._on_event(FsEvent(kind, path, bool(path) and _is_socket(path)))
+    def _emit(self, kind: FsEventKind, path: str, *, scanned: bool = False) -> None:
+        self._on_event(FsEvent(kind, path, bool(path) and _is_socket(path), scanned))
 
     # ---- arming watches ------------------------------------------------------
 
@@ -373,7 +376,7 @@ class InotifyWatcher:
             except OSError:
                 continue  # removed meanwhile
             if not is_dir:
-                self._emit(FsEventKind.CREATED, entry.path)
+                self._emit(FsEventKind.CREATED, entry.path, scanned=True)
             elif self._depth_left(entry.path) is not None:
                 self._arm_tree(entry.path)
         return armed

@@ -88,6 +88,8 @@ class Service:
         self._dirty = asyncio.Event()
         self._reload_timer: asyncio.TimerHandle | None = None
         self._reload_task: asyncio.Task[None] | None = None
+        self._reload_asked = False
+        """A SIGHUP or a seen edit is among the pending reload's causes, not only a rescan."""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -141,10 +143,13 @@ class Service:
 
     def _sighup(self) -> None:
         log.info(kv("reload requested", reason="SIGHUP"))
+        self._reload_asked = True
         self._start_reload()
 
-    def _config_edited(self) -> None:
-        """Debounce: every event pushes the reload back until the edits settle."""
+    def _config_edited(self, seen: bool = True) -> None:
+        """Debounce: every event pushes the reload back until the edits settle. `seen` is
+        False for a rescan, which re-reads the files in case an edit's event was lost."""
+        self._reload_asked |= seen
         if self._reload_timer is not None:
             self._reload_timer.cancel()
         loop = asyncio.get_running_loop()
@@ -155,7 +160,7 @@ class Service:
             self._reload_timer.cancel()
         self._reload_timer = None
         if self._reload_task is not None and not self._reload_task.done():
-            self._config_edited()  # one at a time; this edit is read after it
+            self._config_edited(seen=False)  # one at a time; read again after it
             return
         self._reload_task = asyncio.create_task(self._reload(), name="reload")
 
@@ -172,6 +177,7 @@ class Service:
             sdnotify.ready(self._status_line())
 
     async def _load_and_apply(self) -> None:
+        asked, self._reload_asked = self._reload_asked, False
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
@@ -180,7 +186,9 @@ class Service:
         was_valid = self.config_valid
         self.config_valid, self.problems = True, ()
         if new == self.daemon.config:
-            log.info(kv("config unchanged" if was_valid else "config valid again"))
+            # After a rescan that found no edit, there is nothing to tell.
+            level = logging.INFO if asked or not was_valid else logging.DEBUG
+            log.log(level, kv("config unchanged" if was_valid else "config valid again"))
         else:
             self.daemon.apply_config(new)
             log.info(kv("config reloaded", vms=len(new.vms), files=len(new.files)))
