@@ -222,3 +222,27 @@ async def test_an_edit_keeps_the_retry_state_of_vms_it_does_not_touch(host: Host
     before = attempt()
     await eventually(lambda: attempt() != before, "web02's next attempt")
     assert attempt() == before + 1  # its backoff went on; a new task would count from 1
+
+
+async def test_backend_changes_wait_for_a_restart(managed_host: Host) -> None:
+    """The running virtiofsd, their records and the daemon lock live where [backend] says:
+    a reload keeps it, also for the shares' default sockets and for start."""
+    host = managed_host
+    data = host.root / "data"
+    data.mkdir()
+    host.write_config({}, managed={"web01": [("data", str(data))], "db": [("data", str(data))]})
+    daemon = await host.start_daemon()
+    double = await host.start_double("web01")
+    await wait_attached(double, "cocoon-fs-data")
+    await eventually(lambda: len(virtiofsd_pids(host.root)) == 2, "both virtiofsd running")
+    before = sorted(virtiofsd_pids(host.root))
+    managed = {"web01": [("data", str(data))], "db": [("data", str(data))]}
+    text = host.config_text({}, backend_extra='start = "on-demand"', managed=managed)
+    run_dir = f'runtime_dir = "{host.root / "run"}"'
+    assert run_dir in text
+    host.config.write_text(text.replace(run_dir, f'runtime_dir = "{host.root / "elsewhere"}"'))
+    await daemon.wait_for(r"\[backend\] changes apply after a restart of the daemon")
+    await daemon.wait_for("config reloaded|config unchanged")
+    assert sorted(virtiofsd_pids(host.root)) == before  # db's too, though its VM is down
+    assert daemon.matching("replacing") == []
+    assert await add_fs_ids(double) == ["cocoon-fs-data"]

@@ -162,11 +162,12 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, *, backend: BackendSettings | None = None) -> Config:
     """Read ``path`` and ``mounts.d/*.toml`` next to it, then validate them together.
 
     Drop-ins are taken in name order, skipping dot-files as a shell glob would
-    (editors leave lock files such as ``.#web.toml`` there).
+    (editors leave lock files such as ``.#web.toml`` there). ``backend``: see
+    parse_config.
     """
     try:
         main = _read(path)
@@ -202,7 +203,7 @@ def load_config(path: str) -> Config:
             problems.extend(err.problems)
 
     try:
-        config = parse_config(files)
+        config = parse_config(files, backend=backend)
     except ConfigError as err:
         problems.extend(err.problems)
     if problems:
@@ -210,10 +211,15 @@ def load_config(path: str) -> Config:
     return config
 
 
-def parse_config(files: Sequence[tuple[str, bytes]]) -> Config:
+def parse_config(
+    files: Sequence[tuple[str, bytes]], *, backend: BackendSettings | None = None
+) -> Config:
     """Validate (display name, content) pairs, main file first, drop-ins after.
 
     Pure: no file system access, so tests and reload share one code path.
+    ``backend``, when given, is used instead of the file's ``[backend]`` (which is
+    still validated): a reload keeps the one in force, because the running
+    virtiofsd, their records and the daemon lock live where it says.
     """
     if not files:
         raise ValueError("parse_config needs at least the main file")
@@ -226,7 +232,8 @@ def parse_config(files: Sequence[tuple[str, bytes]]) -> Config:
     watch = _watch_settings(main, report_missing=main_document is not None)
     num_queues, queue_size = _share_defaults(main)
     retry = _retry_settings(main)
-    backend = _backend_settings(main)
+    in_file = _backend_settings(main)
+    backend = in_file if backend is None else backend
 
     vms = _Vms(watch, backend, num_queues, queue_size, problems)
     for index, (name, document) in enumerate(documents):

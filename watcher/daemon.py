@@ -88,9 +88,7 @@ class Daemon:
         reported (plan.py).
         """
         old = self.config
-        self.config = new
-        if old.backend != new.backend:
-            log.warning(kv("[backend] changes apply after a restart of the daemon"))
+        self.config = new  # with the same [backend]: Service reloads keep the one in force
         self._retire_managed_shares(old.vms.values())
         replaced: dict[str, VmWorker] = {}
         for name in list(self._workers):

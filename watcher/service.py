@@ -178,8 +178,17 @@ class Service:
 
     async def _load_and_apply(self) -> None:
         asked, self._reload_asked = self._reload_asked, False
+        in_force = self.daemon.config.backend
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
+            if new.backend != in_force:
+                log.warning(
+                    kv(
+                        "[backend] changes apply after a restart of the daemon",
+                        action="keeping the [backend] in force until then",
+                    )
+                )
+                new = await asyncio.to_thread(load_config, self.config_path, backend=in_force)
         except ConfigError as exc:
             self._reload_failed(exc.problems)
             return
