@@ -1190,3 +1190,10 @@ def test_socket_on_a_configured_vm_s_api_socket_is_refused() -> None:
 def test_socket_matching_the_api_pattern_of_no_configured_vm_is_fine() -> None:
     config = parse(with_share('{ tag = "a", socket = "/run/ch/web01-a.sock" }'))
     assert config.vms["web01"][0].socket == "/run/ch/web01-a.sock"
+
+
+def test_a_huge_value_is_cut_in_the_message() -> None:
+    (problem,) = problems(with_share(f'{{ tag = "{"x" * 100_000}", socket = "/run/a.sock" }}'))
+    assert problem.startswith('mounts.toml: vm.web01.fs[0].tag: "xxx')
+    assert '..." (cut) is not a valid tag' in problem
+    assert len(problem) < 400

@@ -121,6 +121,8 @@ async def test_share_moved_to_another_socket_hands_over_to_a_new_virtiofsd(
     assert daemon.matching(r"virtiofsd released") == []
     await double.call("eject", id="cocoon-fs-data")
     await daemon.wait_for(r"virtiofsd released vm=web01 tag=data")
+    assert len(daemon.matching(r"kept until its device leaves")) == 1  # one handover, once
+    assert daemon.matching(r"no longer configured") == []  # it is, on another socket
 
     async def on_new_socket() -> bool:
         info = await double.call("info")

@@ -227,6 +227,33 @@ async def test_give_up_after_bounds_the_retries(host: Host) -> None:
     assert host.share_doc("web01", "data")["detail"].startswith("gave up after 0.5s")
 
 
+async def test_a_ch_that_pings_but_garbles_vm_info_is_logged_once(host: Host) -> None:
+    host.write_config({"web01": ["data"]})
+    await host.start_backend("web01", "data")
+    body = b'{"version":"1.0","pid":1}'  # a fine vmm.ping, a vm.info without state
+    answer = b"HTTP/1.1 200 \r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def half_ch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(answer)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(half_ch, host.api_socket("web01"))
+    try:
+        daemon = await host.start_daemon()
+        await eventually(
+            lambda: host.share_doc("web01", "data").get("attempt", 0) >= 4, "a few attempts"
+        )
+        assert len(daemon.matching(r"CH not answering vm=web01 .*has no state")) == 1
+        assert daemon.matching(r"CH answers again") == []
+    finally:
+        server.close()
+
+
 async def test_sigterm_during_backoff_exits_0(host: Host) -> None:
     host.write_config({"web01": ["data"]}, backoff=(60, 120))
     await host.start_double("web01", "--vm", "none")  # "VM is not created": retried

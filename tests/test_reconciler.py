@@ -16,7 +16,7 @@ from tenacity import RetryCallState
 from watcher import chclient
 from watcher.chclient import AddFsResult, ChClient
 from watcher.config import RetrySettings, Share
-from watcher.reconciler import EJECT_PATIENCE, VmSettings, VmWorker
+from watcher.reconciler import EJECT_PATIENCE, EJECT_POLL, VmSettings, VmWorker
 from watcher.state import ShareState
 from watcher.testing.chdouble import CloudHypervisorDouble
 
@@ -163,3 +163,14 @@ def test_backoff_doubles_with_jitter_and_stays_under_max_delay() -> None:
 def attempt(number: int) -> RetryCallState:
     state: RetryCallState = SimpleNamespace(attempt_number=number)  # type: ignore[assignment]
     return state
+
+
+def test_waiting_for_an_eject_looks_again_often() -> None:
+    """The guest's eject raises no event we see; the share is gone from it until re-added."""
+    retry = RetrySettings(initial_delay=0.2, max_delay=30.0)
+    w = VmWorker(
+        "web01", "/nonexistent", [data_share("/s")], VmSettings("cocoon-fs-", False, retry)
+    )
+    assert w._wait(attempt(10)) == 30.0
+    w.status.shares["data"].state = ShareState.WAITING_EJECT
+    assert w._wait(attempt(10)) == EJECT_POLL

@@ -234,6 +234,8 @@ class BackendSupervisor:
         except OSError as err:
             raise BackendError(f"cannot create {folder}: {err.strerror}") from None
         record = read_registration(paths.registry)
+        if record is not None and record.socket in self._leaving:
+            record = None  # the moved share's old virtiofsd, just handed over: not to adopt twice
         adopted = None
         if record is not None:
             try:

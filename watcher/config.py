@@ -343,9 +343,15 @@ def _key(key: str) -> str:
     return _show(key)
 
 
+SHOWN_CHARS = 120
+"""A longer string is cut in messages: a problem line stays one readable line."""
+
+
 def _show(value: object) -> str:
     """A value as it appears in the TOML file, so the operator can search for it."""
     if isinstance(value, str):
+        if len(value) > SHOWN_CHARS:
+            return json.dumps(value[:SHOWN_CHARS], ensure_ascii=False)[:-1] + '..." (cut)'
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool):
         return "true" if value else "false"

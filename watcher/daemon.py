@@ -303,6 +303,7 @@ class Daemon:
         Not retired: a socket another configured share now uses; the supervisor hands it
         over (BackendSupervisor.ensure)."""
         managed = {s.socket for shares in self.config.vms.values() for s in shares if s.managed}
+        configured = {(s.vm, s.tag) for shares in self.config.vms.values() for s in shares}
         for socket in list(self._retired):
             if socket in managed:
                 del self._retired[socket]  # configured again: supervised as any share
@@ -311,15 +312,16 @@ class Daemon:
             for share in shares:
                 if not share.managed or share.socket in taken:
                     continue
-                log.info(
-                    kv(
-                        "virtiofsd of a share no longer configured",
-                        vm=share.vm,
-                        tag=share.tag,
-                        socket=share.socket,
-                        action="stopped once no device of the VM uses it",
+                if (share.vm, share.tag) not in configured:  # a moved one: the supervisor says
+                    log.info(
+                        kv(
+                            "virtiofsd of a share no longer configured",
+                            vm=share.vm,
+                            tag=share.tag,
+                            socket=share.socket,
+                            action="stopped once no device of the VM uses it",
+                        )
                     )
-                )
                 self._retired[share.socket] = share
 
     def _release_unused_backends(self, vm: str, in_use: frozenset[str]) -> None:

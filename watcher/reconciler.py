@@ -67,6 +67,10 @@ CH binds and listens back to back (microseconds apart) and a CH double or a
 v53 restart may unlink and re-bind, so a single ECONNREFUSED right after the
 create event is not proof of a dead socket (§6)."""
 
+EJECT_POLL = 1.0
+"""Longest wait between looks while a guest ejects a device: CH raises no event we can
+see (§5), and the share is missing in the guest until its replacement is added."""
+
 EJECT_PATIENCE = 30.0
 """After this long waiting for a guest to eject a removed device, say so loudly:
 the guest most likely lacks ACPI PCI hotplug support (§5)."""
@@ -140,6 +144,8 @@ class VmWorker:
         self._detached: set[str] = set()
         """Pruned device ids whose eject we wait for: until then CH holds their backend."""
         self._reported_unmanaged: set[str] = set()
+        self._reported_unreachable = False
+        """Logged "CH not answering"; "CH answers again" only after a whole pass went well."""
 
     def inherit(self, previous: VmWorker) -> None:
         """Take over what a worker for the same VM learned before a config edit
@@ -213,11 +219,18 @@ class VmWorker:
         return stop_after_delay(give_up) if give_up > 0 else stop_never
 
     def _wait(self, state: RetryCallState) -> float:
-        """Exponential backoff with jitter, never above max_delay."""
+        """Exponential backoff with jitter, never above max_delay, nor above EJECT_POLL
+        while a device's eject is awaited."""
         retry = self.settings.retry
         base = retry.initial_delay * 2 ** (state.attempt_number - 1)
         jitter = random.uniform(0, retry.initial_delay)
-        return float(min(retry.max_delay, base + jitter))
+        ceiling = retry.max_delay
+        ejecting = self._detached or any(
+            share.state is ShareState.WAITING_EJECT for share in self.status.shares.values()
+        )
+        if ejecting:
+            ceiling = min(ceiling, EJECT_POLL)
+        return float(min(ceiling, base + jitter))
 
     async def _sleep(self, seconds: float) -> None:
         """Back off, but wake at once when poked: a new CH or backend is news."""
@@ -283,6 +296,9 @@ class VmWorker:
             self._on_observed(
                 self.name, frozenset(d.socket for d in info.fs) | frozenset(ejecting.values())
             )
+            if self._reported_unreachable:
+                self._reported_unreachable = False
+                log.info(kv("CH answers again", vm=self.name, pid=self._pid))
         except ApiError as exc:
             self.status.vm_state = None
             self.status.detail = f"{exc.call}: {exc.answer.reason}"
@@ -367,8 +383,6 @@ class VmWorker:
             except ApiError as exc:  # CH is busy (its connection limit): back off
                 self._unreachable(exc)
                 raise _RetryPass(self.status.detail) from exc
-        if self.status.socket is SocketState.UNREACHABLE:
-            log.info(kv("CH answers again", vm=self.name, pid=identity.pid))
         self.status.socket = SocketState.LIVE
         self.status.ch_version = identity.version
         if identity.pid != self._pid:
@@ -639,7 +653,8 @@ class VmWorker:
             )
         elif isinstance(exc, ConnectionError):
             reason = "CH closed the connection without answering"
-        if self.status.socket is not SocketState.UNREACHABLE:  # once; the shares say the rest
+        if not self._reported_unreachable:  # once; the shares say the rest
+            self._reported_unreachable = True
             log.warning(kv("CH not answering", vm=self.name, reason=reason))
         self.status.socket = SocketState.UNREACHABLE
         self.status.detail = reason
