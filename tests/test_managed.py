@@ -323,3 +323,23 @@ async def test_switching_to_on_demand_stops_the_left_over_virtiofsd_of_stopped_v
     assert await double.call("guest-reboot") is True  # db's is still supervised
     await double.stop()
     await eventually(lambda: virtiofsd_pids(host.root) == [], "db's stopped with its VM")
+
+
+async def test_a_socket_path_in_the_way_fails_visibly_and_a_reload_retries(
+    managed_host: Host,
+) -> None:
+    host = managed_host
+    data = host.root / "export"
+    data.mkdir()
+    blocker = Path(host.managed_socket("web01", "data"))
+    blocker.mkdir(parents=True)  # a folder where the socket goes
+    host.write_config({}, managed={"web01": [("data", str(data))]})
+    daemon = await host.start_daemon()
+    await daemon.wait_for("backend failed vm=web01 tag=data .*exists and is not a socket")
+    await eventually(lambda: backend_of(host, "web01", "data")["state"] == "failed", "failed")
+    assert "is not a socket" in backend_of(host, "web01", "data")["last_error"]
+    blocker.rmdir()
+    daemon.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: len(virtiofsd_pids(host.root)) == 1, "started after the reload")
+    await eventually(lambda: backend_of(host, "web01", "data")["state"] == "listening", "ok")
+    assert len(daemon.matching("backend failed")) == 1

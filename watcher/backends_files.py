@@ -76,7 +76,8 @@ def bind_listener(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise BackendError(
-                f"{path} exists and is not a socket (remove it, or give the share another socket)"
+                f"{path} exists and is not a socket (remove it and reload, or give the share"
+                " another socket)"
             )
         os.unlink(path)
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)

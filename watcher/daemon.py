@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import stat
+import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -128,6 +129,12 @@ class Daemon:
             if asyncio.get_running_loop().time() >= deadline:
                 return
             await asyncio.sleep(0.01)
+
+    def retry_backends(self) -> None:
+        """A reload that changed nothing still tries again the managed virtiofsd that could
+        not be started: the operator may have fixed the host meanwhile (removed what was in
+        the way of a socket, installed virtiofsd)."""
+        self._background(self._sync_backends())
 
     def statuses(self) -> list[VmStatus]:
         """Every configured VM, running or not, in config order; each managed share
@@ -288,15 +295,13 @@ class Daemon:
         try:
             await self._backends.ensure(share)
         except BackendError as exc:
-            log.error(
-                kv(
-                    "backend failed",
-                    vm=share.vm,
-                    tag=share.tag,
-                    reason=exc,
-                    fix=BACKEND_FIX,
-                )
-            )
+            self._on_change()  # the status shows the failure: no state change will
+            # Throttled like the VM's worker logs it (VmWorker._log_throttled), so a share
+            # that the daemon and then its worker cannot start is one line.
+            key, signature = f"{share.vm}/{share.tag}", f"backend failed:{exc}"
+            if self._throttle.admit(key, signature, time.monotonic()) is not None:
+                fields = {"vm": share.vm, "tag": share.tag, "reason": str(exc)}
+                log.error(kv("backend failed", **fields, fix=BACKEND_FIX))
 
     def _retire_managed_shares(self, candidates: Iterable[Iterable[Share]]) -> None:
         """Note the managed shares among `candidates` whose socket the config no longer has.

@@ -35,7 +35,7 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -340,10 +340,13 @@ class VmWorker:
             try:
                 await self._backends.ensure(share)
             except BackendError as exc:
-                fix = BACKEND_FIX
                 self._blocked[share.device_id] = str(exc)
-                self._set_for(share, ShareState.FAILED, f"virtiofsd: {exc}", fix=fix)
-                log.error(kv("backend failed", vm=self.name, tag=share.tag, reason=exc, fix=fix))
+                self._set_for(share, ShareState.FAILED, f"virtiofsd: {exc}", fix=BACKEND_FIX)
+                fields = {"vm": self.name, "tag": share.tag, "reason": str(exc), "fix": BACKEND_FIX}
+                # The daemon may have said so already (start = "always"): same key, same words.
+                self._log_throttled(
+                    f"{self.name}/{share.tag}", logging.ERROR, "backend failed", fields
+                )
 
     def _backend_ready(self, share: Share) -> bool:
         """The socket exists; for a managed share, also its virtiofsd has reached
@@ -629,7 +632,9 @@ class VmWorker:
         }
         self._log_throttled(f"{self.name}/{share.tag}", level, event, fields)
 
-    def _log_throttled(self, key: str, level: int, event: str, fields: dict[str, object]) -> None:
+    def _log_throttled(
+        self, key: str, level: int, event: str, fields: Mapping[str, object]
+    ) -> None:
         """The first of a run of identical failures, then at most one a minute (logs.py)."""
         signature = f"{event}:{fields.get('reason')}"
         held_back = self._throttle.admit(key, signature, time.monotonic())

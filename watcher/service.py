@@ -198,6 +198,8 @@ class Service:
             # After a rescan that found no edit, there is nothing to tell.
             level = logging.INFO if asked or not was_valid else logging.DEBUG
             log.log(level, kv("config unchanged" if was_valid else "config valid again"))
+            if asked:
+                self.daemon.retry_backends()
         else:
             self.daemon.apply_config(new)
             log.info(kv("config reloaded", vms=len(new.vms), files=len(new.files)))
