@@ -265,7 +265,10 @@ async def test_pruned_managed_share_is_detached_then_its_virtiofsd_stopped(
     assert await double.call("state") == "Running"  # CH lived through it
 
 
-async def test_on_demand_starts_virtiofsd_with_the_vm(managed_host: Host) -> None:
+@pytest.mark.parametrize("killed", [False, True], ids=["ch-exits", "ch-is-killed"])
+async def test_on_demand_runs_virtiofsd_while_the_vm_runs(managed_host: Host, killed: bool) -> None:
+    """Also when CH is SIGKILLed: it leaves its API socket behind (§6), and a stale socket
+    means the VM is gone as much as a deleted one."""
     host = managed_host
     data = host.root / "export"
     data.mkdir()
@@ -278,23 +281,11 @@ async def test_on_demand_starts_virtiofsd_with_the_vm(managed_host: Host) -> Non
     double = await host.start_double("web01")
     await wait_attached(double, "cocoon-fs-data")
     assert len(virtiofsd_pids(host.root)) == 1
-    await double.stop()  # clean CH exit: the API socket goes away
-    await eventually(lambda: virtiofsd_pids(host.root) == [], "virtiofsd stopped with the VM")
-
-
-async def test_on_demand_stops_virtiofsd_when_ch_is_killed(managed_host: Host) -> None:
-    """A SIGKILLed CH leaves its API socket behind (§6): stale means the VM is gone too."""
-    host = managed_host
-    data = host.root / "export"
-    data.mkdir()
-    host.write_config(
-        {}, backend_extra='start = "on-demand"', managed={"web01": [("data", str(data))]}
-    )
-    daemon = await host.start_daemon()
-    double = await host.start_double("web01")
-    await wait_attached(double, "cocoon-fs-data")
-    await double.kill()
-    await daemon.wait_for("api socket is stale vm=web01")
+    if killed:
+        await double.kill()
+        await daemon.wait_for("api socket is stale vm=web01")
+    else:
+        await double.stop()  # clean CH exit: the API socket goes away
     await eventually(lambda: virtiofsd_pids(host.root) == [], "virtiofsd stopped with the VM")
 
 
