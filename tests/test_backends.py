@@ -5,9 +5,9 @@ connection) run against the real /usr/lib/qemu/virtiofsd and are skipped only wh
 The fast ones (crash loop, stopping a backend that ignores SIGTERM) use the fake.
 
 Backends other than the real binary are small executable scripts written into tmp_path and set
-as ``[backend] virtiofsd``, as an operator would point at a binary: the fake's wrapper drops the
-``--cache`` and ``--readonly`` flags the fake does not know and appends its start time to a file,
-so a test can look at when attempts happened without timing anything itself; a stubborn backend
+as ``[backend] virtiofsd``, as an operator would point at a binary: the fake's wrapper appends
+its start time to a file, so a test can look at when attempts happened without timing anything
+itself; a stubborn backend
 ignores SIGTERM; a gate holds the real virtiofsd back until the test lets it start.
 
 Nothing here sleeps to synchronise: tests poll a condition with a deadline, or wait for a
@@ -52,10 +52,6 @@ FAST = BackendTiming(initial_delay=0.05, max_delay=1.0)
 
 FAKE_WRAPPER = """#!/bin/sh
 [ "$1" = --print-capabilities ] || date +%s.%N >> {starts}
-for arg do
-    shift
-    case "$arg" in --cache=*|--readonly) ;; *) set -- "$@" "$arg" ;; esac
-done
 exec {python} -m watcher.testing.fake_virtiofsd "$@"
 """
 

@@ -64,6 +64,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="OPTION",
         help="legacy C virtiofsd options; source=DIR is the shared dir, others are ignored",
     )
+    # Taken and ignored, as the daemon passes them to a managed share's virtiofsd:
+    # nothing is served from the folder, so caching and read-only change nothing here.
+    parser.add_argument("--cache", choices=("auto", "always", "never", "metadata"))
+    parser.add_argument("--readonly", action="store_true")
     parser.add_argument("--print-capabilities", action="store_true")
     args = parser.parse_args(argv)
     if not args.print_capabilities and (args.socket_path is None) == (args.fd is None):
