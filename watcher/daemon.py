@@ -298,8 +298,8 @@ class Daemon:
             self._on_change()  # the status shows the failure: no state change will
             # Throttled like the VM's worker logs it (VmWorker._log_throttled), so a share
             # that the daemon and then its worker cannot start is one line.
-            key, signature = f"{share.vm}/{share.tag}", f"backend failed:{exc}"
-            if self._throttle.admit(key, signature, time.monotonic()) is not None:
+            key = f"{share.vm}/{share.tag}"
+            if self._throttle.admit_event(key, "backend failed", exc, time.monotonic()) is not None:
                 fields = {"vm": share.vm, "tag": share.tag, "reason": str(exc)}
                 log.error(kv("backend failed", **fields, fix=BACKEND_FIX))
 

@@ -126,5 +126,10 @@ class FailureThrottle:
         seen.suppressed += 1
         return None
 
+    def admit_event(self, key: str, event: str, reason: object, now: float) -> int | None:
+        """admit() for a log event and its reason: one signature format for every caller,
+        so two places that log the same failure of one key share its throttle."""
+        return self.admit(key, f"{event}:{reason}", now)
+
     def clear(self, key: str) -> None:
         self._seen.pop(key, None)

@@ -636,8 +636,7 @@ class VmWorker:
         self, key: str, level: int, event: str, fields: Mapping[str, object]
     ) -> None:
         """The first of a run of identical failures, then at most one a minute (logs.py)."""
-        signature = f"{event}:{fields.get('reason')}"
-        held_back = self._throttle.admit(key, signature, time.monotonic())
+        held_back = self._throttle.admit_event(key, event, fields.get("reason"), time.monotonic())
         if held_back is not None:
             log.log(level, kv(event, **fields, repeated=held_back or None))
 
